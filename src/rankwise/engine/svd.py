@@ -1,0 +1,96 @@
+"""Singular values and truncated SVDs, exact or randomized, batched by shape.
+
+All decompositions run in at least float32 (float16/bfloat16 weights are
+upcast). Exact LAPACK SVD is the default; the randomized path
+(``torch.svd_lowrank`` with oversampling and power iterations) is for when only
+the top of the spectrum is needed and speed matters.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import torch
+
+_MIN_DTYPE = torch.float32
+
+
+def _upcast(w: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    if dtype is not None:
+        return w.detach().to(dtype)
+    if w.dtype in (torch.float64, torch.float32):
+        return w.detach()
+    return w.detach().to(_MIN_DTYPE)
+
+
+def singular_values(w: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """All singular values of one matrix, descending, in float32 (or ``dtype``)."""
+    return torch.linalg.svdvals(_upcast(w, dtype))
+
+
+def spectra(
+    weights: Sequence[torch.Tensor],
+    dtype: torch.dtype | None = None,
+    max_batch_bytes: int = 512 * 2**20,
+    on_done: Callable[[int], None] | None = None,
+) -> list[torch.Tensor]:
+    """Singular values of many matrices, computed in batches of equal shape.
+
+    Matrices of one shape are stacked and decomposed in one ``svdvals`` call
+    (LAPACK/MKL batch well; the Python overhead per matrix vanishes). Batches are
+    capped at ``max_batch_bytes`` so memory stays bounded. ``on_done(n)`` is
+    called after each batch with the number of matrices finished (for progress).
+    Returns one descending float tensor per input, in input order.
+    """
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, w in enumerate(weights):
+        groups[tuple(w.shape)].append(i)
+    out: list[torch.Tensor | None] = [None] * len(weights)
+    for shape, idx in groups.items():
+        per = max(1, int(max_batch_bytes // (4 * shape[0] * shape[1] * 3)))
+        for start in range(0, len(idx), per):
+            chunk = idx[start : start + per]
+            stack = torch.stack([_upcast(weights[i], dtype) for i in chunk])
+            sv = torch.linalg.svdvals(stack)
+            for j, i in enumerate(chunk):
+                out[i] = sv[j]
+            if on_done is not None:
+                on_done(len(chunk))
+    return out  # type: ignore[return-value]
+
+
+def truncated_svd(
+    w: torch.Tensor,
+    rank: int,
+    method: str = "exact",
+    oversample: int = 10,
+    niter: int = 2,
+    dtype: torch.dtype | None = None,
+    seed: int | None = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` SVD ``w ≈ U diag(S) Vᵀ``; returns ``(U m×k, S k, V n×k)``.
+
+    ``method="exact"`` uses ``torch.linalg.svd`` (full_matrices=False);
+    ``method="randomized"`` uses ``torch.svd_lowrank`` with ``q = rank +
+    oversample`` and ``niter`` power iterations, then keeps the top ``rank``.
+    The randomized sketch is seeded (``seed``) so results are reproducible.
+    """
+    m, n = w.shape
+    p = min(m, n)
+    if not 1 <= rank <= p:
+        raise ValueError(f"rank must be in [1, {p}] for a {m}x{n} matrix, got {rank}")
+    x = _upcast(w, dtype)
+    if method == "exact":
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank].T
+    if method == "randomized":
+        q = min(p, rank + max(0, oversample))
+        if seed is None:
+            u, s, v = torch.svd_lowrank(x, q=q, niter=niter)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                u, s, v = torch.svd_lowrank(x, q=q, niter=niter)
+        return u[:, :rank], s[:rank], v[:, :rank]
+    raise ValueError(f"unknown SVD method {method!r}; use 'exact' or 'randomized'")

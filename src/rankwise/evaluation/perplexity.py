@@ -1,0 +1,78 @@
+"""Perplexity over non-overlapping windows (methods.md §6)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rankwise.io.texts import text_fingerprint
+from rankwise.io.tokens import bos_id, eval_windows
+
+
+@dataclass
+class PerplexityResult:
+    """exp(mean NLL) over ``tokens`` predicted tokens in ``windows`` windows of ``seq_len``."""
+
+    text: str
+    perplexity: float
+    nll: float
+    windows: int
+    tokens: int
+    seq_len: int
+    bos: bool
+    text_sha256: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def perplexity(
+    model: torch.nn.Module,
+    tokenizer,
+    text: str,
+    seq_len: int = 512,
+    max_tokens: int = 4096,
+    batch_size: int = 1,
+    name: str = "text",
+    progress: bool = False,
+) -> PerplexityResult:
+    """Perplexity of a causal LM on the first ``max_tokens`` tokens of ``text``.
+
+    Each window holds ``seq_len`` text tokens; with a BOS token it is prepended
+    and every one of the ``seq_len`` text tokens is scored (the first from BOS).
+    """
+    win = eval_windows(tokenizer, text, seq_len=seq_len, max_tokens=max_tokens, name=name)
+    has_bos = bos_id(tokenizer) is not None
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total_nll, total_tok = 0.0, 0
+    batches = range(0, len(win), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"perplexity {name}", unit="batch", leave=False)
+    for i in batches:
+        x = win[i : i + batch_size].to(device)
+        logits = model(input_ids=x).logits.float()
+        pred, tgt = logits[:, :-1], x[:, 1:]
+        nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), tgt.reshape(-1), reduction="sum")
+        total_nll += float(nll)
+        total_tok += tgt.numel()
+    if was_training:
+        model.train()
+    mean = total_nll / total_tok
+    return PerplexityResult(
+        text=name,
+        perplexity=math.exp(mean),
+        nll=mean,
+        windows=len(win),
+        tokens=total_tok,
+        seq_len=seq_len,
+        bos=has_bos,
+        text_sha256=text_fingerprint(text),
+    )
