@@ -1,0 +1,64 @@
+"""``rankwise.tune``: spectral adapters (methods.md §4) with merge, save/load and PEFT export.
+
+Usage::
+
+    from rankwise.tune import AdapterConfig, apply, merge, save_adapter
+    apply(model, AdapterConfig(method="pissa", rank=8, targets="q_proj|v_proj"))
+    ...train (only adapter parameters require grad)...
+    save_adapter(model, "out/adapter")     # adapter.safetensors + rankwise_adapter.json
+    export_peft(model, "out/peft")         # lora / pissa: loads with peft.PeftModel.from_pretrained
+
+Methods: lora, pissa, svfit, salt, sorsa, loldu, welore-lrc, heal (see
+:data:`METHODS`). ``regularization_loss(model)`` returns SORSA's orthogonality
+term (0 for the others); the trainer adds it to the task loss.
+"""
+
+from rankwise.tune.api import (
+    ADAPTER_FILE,
+    META_FILE,
+    adapter_layers,
+    adapter_summary,
+    apply,
+    base_fingerprint,
+    closed_form_trainable,
+    export_peft,
+    load_adapter,
+    merge,
+    merge_and_unload,
+    read_adapter_meta,
+    regularization_loss,
+    save_adapter,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+from rankwise.tune.base import AdapterLayer
+from rankwise.tune.config import AdapterConfig
+from rankwise.tune.registry import LOWRANK_METHODS, METHODS, PEFT_EXPORTABLE, canonical_method, layer_factory
+
+__all__ = [
+    "ADAPTER_FILE",
+    "LOWRANK_METHODS",
+    "METHODS",
+    "META_FILE",
+    "PEFT_EXPORTABLE",
+    "AdapterConfig",
+    "AdapterLayer",
+    "adapter_layers",
+    "adapter_summary",
+    "apply",
+    "base_fingerprint",
+    "canonical_method",
+    "closed_form_trainable",
+    "export_peft",
+    "layer_factory",
+    "load_adapter",
+    "merge",
+    "merge_and_unload",
+    "read_adapter_meta",
+    "regularization_loss",
+    "save_adapter",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+]

@@ -1,0 +1,51 @@
+"""PiSSA (Meng et al. 2024): LoRA factors initialised with the principal singular triplets.
+
+Follows PEFT's convention so a PiSSA adapter converts to a PEFT LoRA exactly:
+with s = α/r, B₀ = U_r diag(√(σ_r/s)), A₀ = diag(√(σ_r/s)) V_rᵀ, hence
+s·B₀A₀ is the best rank-r part of W; the base keeps the frozen residual
+W_res = W − s·B₀A₀. After training, ΔW = s(BA − B₀A₀) = (2α/2r)·[B, −B₀][A; A₀],
+a rank-2r LoRA on the *original* W (what ``export_peft`` writes).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rankwise.engine.svd import truncated_svd
+from rankwise.tune.config import AdapterConfig
+from rankwise.tune.lora import LoRALayer
+
+
+def top_svd(w: torch.Tensor, rank: int, config: AdapterConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` (U, S, V) of ``w`` in float32: exact, or randomized with ``config.svd_iters`` iterations."""
+    return truncated_svd(w.float(), rank, method=config.svd, niter=config.svd_iters, seed=config.seed)
+
+
+class PiSSALayer(LoRALayer):
+    """LoRA layout, principal init, frozen residual base; r(m+n) trainable parameters."""
+
+    method = "pissa"
+    saved_buffers = ("init_A", "init_B")
+
+    def __init__(
+        self, base: nn.Module, config: AdapterConfig, name: str, state: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        super().__init__(base, config, name, state=state)
+        if state is None:
+            u, s, v = top_svd(self.base_weight(), self.rank, config)
+            root = (s / self.scaling).sqrt()
+            a0, b0 = root[:, None] * v.T, u * root[None, :]
+            with torch.no_grad():
+                self.lora_A.copy_(a0)
+                self.lora_B.copy_(b0)
+        else:
+            a0, b0 = self.from_state(state, "init_A"), self.from_state(state, "init_B")
+        self._buffer("init_A", a0)
+        self._buffer("init_B", b0)
+        with torch.no_grad():
+            self.set_base_weight(self.base_weight().float() - self.init_delta())
+
+    @torch.no_grad()
+    def init_delta(self) -> torch.Tensor:
+        return (self.init_B.float() @ self.init_A.float()) * self.scaling
