@@ -200,8 +200,12 @@ def load_model(
     if auto is None:
         raise RankwiseError(f"unknown task {task!r}; use causal-lm, classify or base.")
     try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors is a hard dependency
+        SafetensorError = OSError  # noqa: N806
+    try:
         model = auto.from_pretrained(str(path), dtype=dtype, **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "safetensors" in msg.lower() or "header" in msg.lower() or "deserializ" in msg.lower():
             raise RankwiseError(
