@@ -1,0 +1,30 @@
+"""Low-rank training: GaLore-style optimisers and rank-shaping callbacks (methods.md §5).
+
+* :class:`GaLoreAdamW`: drop-in for ``galore_torch.GaLoreAdamW`` with
+  ``projection="svd" | "randomized" | "dct"`` and ``fira=True``;
+  :func:`galore_param_groups` builds its groups for a Hugging Face model.
+* :class:`TRP`, :class:`Cuttlefish`: callbacks for HF ``Trainer`` or a plain loop.
+* :func:`optimizer_state_bytes`: optimizer-state memory counted from the tensors.
+* :func:`train_loop`, :func:`training_windows`: the loop ``rankwise train`` runs.
+"""
+
+from rankwise.train.callbacks import TRP, Cuttlefish, replace_in_optimizer
+from rankwise.train.galore import GaLoreAdamW, galore_param_groups
+from rankwise.train.loop import TrainResult, train_loop, training_windows
+from rankwise.train.memory import StateMemory, optimizer_state_bytes
+from rankwise.train.projector import Projector, dct_basis
+
+__all__ = [
+    "TRP",
+    "Cuttlefish",
+    "GaLoreAdamW",
+    "Projector",
+    "StateMemory",
+    "TrainResult",
+    "dct_basis",
+    "galore_param_groups",
+    "optimizer_state_bytes",
+    "replace_in_optimizer",
+    "train_loop",
+    "training_windows",
+]

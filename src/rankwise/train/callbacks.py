@@ -1,0 +1,284 @@
+"""Rank-shaping callbacks: TRP and Cuttlefish (methods.md §5).
+
+Both work two ways:
+
+* as Hugging Face ``TrainerCallback``s: ``Trainer(..., callbacks=[TRP(...)])``
+  (the Trainer passes ``model`` and ``optimizer``);
+* from a plain loop: call ``cb.on_step_end(model, step, optimizer=opt)`` after
+  each ``optimizer.step()`` (``step`` = number of steps done, from 1) and
+  ``cb.on_train_end(model)`` at the end.
+
+**TRP** (trained rank pruning): every ``penalty_every`` steps each target W takes
+a nuclear-norm step of size λ·penalty_every, W ← U max(Σ − λ', 0) Vᵀ, which is
+the sub-gradient step W − λ' U Vᵀ for every σᵢ ≥ λ' (clamped at 0: the
+proximal step, so no singular value changes sign); every ``every`` steps W is
+replaced by its energy-truncated SVD (rank r_τ); at the end each matrix whose
+r_τ is below break-even is factorised into a :class:`LowRankLinear`.
+
+**Cuttlefish**: every ``check_every`` steps record each dense target's stable
+rank ‖W‖_F²/‖W‖₂²; once it has changed by less than ``tol`` (relative) over
+``patience`` consecutive checks, switch the matrix to B A with
+k = ⌈stable rank⌉ (if k is below break-even; otherwise it stays dense for good).
+Switched layers are swapped into the optimizer (old weight out, A and B in, in a
+plain AdamW group). Every switch is logged and kept in ``events``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from rankwise.engine.metrics import break_even_rank, energy_rank, stable_rank
+from rankwise.engine.svd import spectra
+from rankwise.errors import RankwiseError
+from rankwise.surgery.lowrank import LowRankLinear
+from rankwise.surgery.modules import set_module
+from rankwise.surgery.targets import Target, find_targets, is_matrix_module
+
+log = logging.getLogger("rankwise.train")
+
+
+def _targets_of(model: nn.Module, who: str, pattern: str | None, exclude: str | None) -> list[Target]:
+    if not any(is_matrix_module(m) for m in model.modules()):
+        if any(isinstance(m, LowRankLinear) for m in model.modules()):
+            return []  # every target was already factorised
+        raise RankwiseError(
+            f"{who} needs a model with target matrices (nn.Linear or Conv1D layers), but "
+            f"{type(model).__name__} has none; pass a model with linear layers."
+        )
+    try:
+        return find_targets(model, pattern, exclude)
+    except RankwiseError as exc:
+        raise RankwiseError(f"{who}: {exc}") from exc
+
+
+def replace_in_optimizer(
+    optimizer: torch.optim.Optimizer | None, old: list[nn.Parameter], new: list[nn.Parameter]
+) -> None:
+    """Drop ``old`` parameters (and their state) from ``optimizer`` and add ``new`` ones.
+
+    The new parameters go to the group that held the first old one when it is a
+    plain group, else to a plain group (one without ``rank``), created with the
+    old group's hyper-parameters if none exists: factors are small matrices that
+    a rank-r projection would not fit.
+    """
+    if optimizer is None:
+        return
+    old_ids = {id(p) for p in old}
+    home: dict[str, Any] | None = None
+    for group in optimizer.param_groups:
+        kept = [p for p in group["params"] if id(p) not in old_ids]
+        if len(kept) != len(group["params"]) and home is None:
+            home = group
+        group["params"] = kept
+    for p in old:
+        optimizer.state.pop(p, None)
+    if home is None or "rank" in home:
+        plain = next((g for g in optimizer.param_groups if "rank" not in g), None)
+        if plain is None:
+            base = dict(home or optimizer.defaults)
+            for key in ("params", "rank", "update_proj_gap", "scale", "proj_type"):
+                base.pop(key, None)
+            optimizer.add_param_group({**base, "params": list(new)})
+            return
+        home = plain
+    home["params"].extend(new)
+
+
+class _RankCallback(TrainerCallback):
+    """Plain-loop / Hugging Face dual interface shared by TRP and Cuttlefish."""
+
+    name = "callback"
+
+    def __init__(self, targets: str | None = None, exclude: str | None = None) -> None:
+        self.targets = targets
+        self.exclude = exclude
+        self.history: dict[str, list[tuple[int, float]]] = {}
+        self.events: list[dict[str, Any]] = []
+
+    def check_model(self, model: nn.Module) -> list[Target]:
+        """The target matrices of ``model``; one-line RankwiseError when it has none."""
+        return _targets_of(model, self.name, self.targets, self.exclude)
+
+    # dual-signature entry points -------------------------------------------------------------
+    def on_train_begin(self, args: Any = None, state: Any = None, control: Any = None, **kwargs: Any) -> None:
+        model = args if isinstance(args, nn.Module) else kwargs.get("model")
+        if model is not None:
+            self.check_model(model)
+
+    def on_step_end(self, args: Any = None, state: Any = None, control: Any = None, **kwargs: Any) -> None:
+        if isinstance(args, nn.Module):  # plain loop: on_step_end(model, step, optimizer=...)
+            self.step_end(args, int(state), kwargs.get("optimizer", control))
+            return None
+        model = kwargs.get("model")
+        if model is not None:
+            self.step_end(model, int(state.global_step), kwargs.get("optimizer"))
+        return None
+
+    def on_train_end(self, args: Any = None, state: Any = None, control: Any = None, **kwargs: Any) -> None:
+        model = args if isinstance(args, nn.Module) else kwargs.get("model")
+        if model is not None:
+            self.train_end(model)
+        return None
+
+    # implemented by subclasses --------------------------------------------------------------
+    def step_end(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None) -> None:
+        raise NotImplementedError
+
+    def train_end(self, model: nn.Module) -> None:
+        """Nothing by default."""
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able record of what the callback did."""
+        return {"callback": self.name, "events": self.events}
+
+
+class TRP(_RankCallback):
+    """Trained rank pruning: nuclear-norm steps, periodic energy truncation, factorisation at the end."""
+
+    name = "TRP"
+
+    def __init__(
+        self,
+        lam: float = 1e-4,
+        every: int = 100,
+        energy: float = 0.99,
+        penalty_every: int = 1,
+        factorize_at_end: bool = True,
+        targets: str | None = None,
+        exclude: str | None = None,
+    ) -> None:
+        super().__init__(targets, exclude)
+        if lam < 0:
+            raise RankwiseError(f"TRP's nuclear-norm weight lam must be >= 0, got {lam}.")
+        if int(every) <= 0 or int(penalty_every) <= 0:
+            raise RankwiseError(f"TRP's every/penalty_every must be positive step counts, got {every}/{penalty_every}.")
+        if not 0.0 < energy <= 1.0:
+            raise RankwiseError(f"TRP's energy threshold must lie in (0, 1], got {energy}.")
+        self.lam = float(lam)
+        self.every = int(every)
+        self.energy = float(energy)
+        self.penalty_every = int(penalty_every)
+        self.factorize_at_end = factorize_at_end
+        self.ranks: dict[str, int] = {}
+
+    @torch.no_grad()
+    def step_end(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None) -> None:
+        shrink = self.lam > 0 and step % self.penalty_every == 0
+        truncate = step % self.every == 0
+        if not (shrink or truncate):
+            return
+        for t in self.check_model(model):
+            if isinstance(t.module, LowRankLinear):
+                continue
+            w = t.weight()
+            u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
+            if shrink:
+                s = (s - self.lam * self.penalty_every).clamp_min(0.0)
+            k = len(s)
+            if truncate:
+                k = max(1, energy_rank(s, self.energy))
+                self.history.setdefault(t.name, []).append((step, k))
+                if self.ranks.get(t.name) != k:
+                    self.events.append({"step": step, "layer": t.name, "action": "truncate", "rank": k})
+                self.ranks[t.name] = k
+            t.set_weight((u[:, :k] * s[:k]) @ vh[:k])
+
+    @torch.no_grad()
+    def train_end(self, model: nn.Module) -> None:
+        """Factorise every target whose energy rank is below break-even into a LowRankLinear."""
+        if not self.factorize_at_end:
+            return
+        for t in self.check_model(model):
+            if isinstance(t.module, LowRankLinear):
+                continue
+            w = t.weight().float()
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            k = max(1, energy_rank(s, self.energy))
+            m, n = t.shape
+            if k >= break_even_rank(m, n):
+                self.events.append({"step": None, "layer": t.name, "action": "kept-dense", "rank": k})
+                continue
+            root = s[:k].sqrt()
+            layer = LowRankLinear.from_factors(
+                u[:, :k] * root, root[:, None] * vh[:k], t.bias, "conv1d" if t.transposed else "linear",
+                dtype=t.module.weight.dtype,
+            )
+            set_module(model, t.name, layer)
+            self.ranks[t.name] = k
+            self.events.append({"step": None, "layer": t.name, "action": "factorise", "rank": k})
+            log.info("TRP: factorised %s at rank %d (break-even %d)", t.name, k, break_even_rank(m, n))
+
+
+class Cuttlefish(_RankCallback):
+    """Switch each matrix to B A at its stable rank once that rank has stopped moving."""
+
+    name = "Cuttlefish"
+
+    def __init__(
+        self,
+        check_every: int = 10,
+        tol: float = 0.02,
+        patience: int = 2,
+        warmup: int = 0,
+        rank_scale: float = 1.0,
+        targets: str | None = None,
+        exclude: str | None = None,
+    ) -> None:
+        super().__init__(targets, exclude)
+        if int(check_every) <= 0 or int(patience) <= 0:
+            raise RankwiseError(f"Cuttlefish's check_every/patience must be positive, got {check_every}/{patience}.")
+        if tol < 0 or rank_scale <= 0:
+            raise RankwiseError(f"Cuttlefish's tol must be >= 0 and rank_scale > 0, got {tol}/{rank_scale}.")
+        self.check_every = int(check_every)
+        self.tol = float(tol)
+        self.patience = int(patience)
+        self.warmup = int(warmup)
+        self.rank_scale = float(rank_scale)
+        self.done: set[str] = set()
+        self.ranks: dict[str, int] = {}
+
+    def _settled(self, name: str) -> bool:
+        h = [v for _, v in self.history.get(name, [])]
+        if len(h) <= self.patience:
+            return False
+        recent = h[-(self.patience + 1) :]
+        return all(abs(b - a) <= self.tol * max(abs(a), 1e-12) for a, b in zip(recent, recent[1:]))
+
+    @torch.no_grad()
+    def step_end(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None) -> None:
+        if step % self.check_every != 0:
+            return
+        live = [
+            t for t in self.check_model(model) if t.name not in self.done and not isinstance(t.module, LowRankLinear)
+        ]
+        if not live:
+            return
+        svals = spectra([t.weight() for t in live])
+        for t, s in zip(live, svals):
+            sr = stable_rank(s)
+            self.history.setdefault(t.name, []).append((step, sr))
+            if step < self.warmup or not self._settled(t.name):
+                continue
+            self.done.add(t.name)
+            m, n = t.shape
+            k = max(1, math.ceil(sr * self.rank_scale - 1e-9))
+            if k >= break_even_rank(m, n):
+                self.events.append({"step": step, "layer": t.name, "action": "kept-dense", "rank": k,
+                                    "stable_rank": sr})
+                log.info("Cuttlefish: %s stays dense (stable rank %.1f >= break-even)", t.name, sr)
+                continue
+            old = t.module.weight
+            old_params = [old] + ([t.bias] if t.bias is not None else [])
+            layer = LowRankLinear.from_linear(t.module, k)
+            set_module(model, t.name, layer)
+            new_params = [layer.A, layer.B] + ([layer.bias] if layer.bias is not None else [])
+            replace_in_optimizer(optimizer, old_params, new_params)
+            self.ranks[t.name] = k
+            self.events.append({"step": step, "layer": t.name, "action": "factorise", "rank": k, "stable_rank": sr})
+            log.info("Cuttlefish: step %d switched %s to rank %d (stable rank %.2f)", step, t.name, k, sr)
