@@ -1,0 +1,135 @@
+"""Calibration data → ``forward_loop(model)`` callables (ModelOpt style).
+
+A forward loop is any callable that takes the model and runs it on calibration
+data; rankwise attaches hooks around it. :func:`text_forward_loop` builds one
+from text (seeded random windows); :func:`windows_forward_loop` from a
+LongTensor of token windows. For ``fwsvd`` the loop must also call
+``backward`` on a loss: the loops built here do so when ``with_loss=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankwise.errors import RankwiseError
+
+ForwardLoop = Callable[[nn.Module], Any]
+
+
+@dataclass
+class CalibInfo:
+    """What the calibration data was, recorded in ``rankwise.json``."""
+
+    text: str | None = None
+    sha256: str | None = None
+    samples: int | None = None
+    seq_len: int | None = None
+    seed: int | None = None
+    tokens: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = {
+            "text": self.text,
+            "sha256": self.sha256,
+            "samples": self.samples,
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "tokens": self.tokens,
+        }
+        d.update(self.extra)
+        return d
+
+
+def _device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def windows_forward_loop(windows: torch.Tensor, batch_size: int = 8, with_loss: bool = False) -> ForwardLoop:
+    """A loop over the rows of a (n_samples, seq_len) LongTensor of token ids.
+
+    With ``with_loss`` it computes the causal-LM loss and calls ``backward`` on it
+    (what FWSVD's gradient statistics need); otherwise it runs under ``no_grad``.
+    """
+    if not isinstance(windows, torch.Tensor) or windows.dtype != torch.long or windows.dim() != 2:
+        raise RankwiseError("calibration windows must be a 2-D LongTensor of token ids (samples × seq_len).")
+    if windows.shape[0] < 1 or windows.shape[1] < 2:
+        raise RankwiseError(f"calibration windows of shape {tuple(windows.shape)} are too small; need ≥1×2 tokens.")
+
+    def loop(model: nn.Module) -> None:
+        dev = _device(model)
+        for i in range(0, windows.shape[0], batch_size):
+            x = windows[i : i + batch_size].to(dev)
+            if with_loss:
+                with torch.enable_grad():
+                    out = model(input_ids=x, labels=x, use_cache=False)
+                    out.loss.backward()
+            else:
+                with torch.no_grad():
+                    model(input_ids=x, use_cache=False)
+
+    loop.n_batches = (windows.shape[0] + batch_size - 1) // batch_size  # type: ignore[attr-defined]
+    return loop
+
+
+def text_windows(
+    tokenizer, text_spec: str, n_samples: int, seq_len: int, seed: int = 0
+) -> tuple[torch.Tensor, CalibInfo]:
+    """Seeded calibration windows from a text spec (``ptb``, ``bbc``, ``a+b`` mixtures, a .txt path), train split."""
+    from rankwise.io.texts import load_text, text_fingerprint
+    from rankwise.io.tokens import sample_windows
+
+    if n_samples < 1:
+        raise RankwiseError(f"--calib-samples must be at least 1, got {n_samples}.")
+    if seq_len < 2:
+        raise RankwiseError(f"--seq-len must be at least 2, got {seq_len}.")
+    parts = [p for p in str(text_spec).split("+") if p]
+    if not parts:
+        raise RankwiseError("empty calibration text spec; use ptb, bbc or a .txt file.")
+    rows, shas = [], []
+    per = [n_samples // len(parts) + (1 if i < n_samples % len(parts) else 0) for i in range(len(parts))]
+    for i, (part, k) in enumerate(zip(parts, per)):
+        need = f"{n_samples} samples of {seq_len} tokens need about {n_samples * (seq_len - 1)} tokens"
+        try:
+            text = load_text(part, split="train")
+        except RankwiseError as exc:
+            if "empty" in str(exc):
+                raise RankwiseError(f"calibration text {part!r} is empty; {need}.") from exc
+            raise
+        if not text.strip():
+            raise RankwiseError(
+                f"calibration text {part!r} is empty; {n_samples} samples of {seq_len} tokens need "
+                f"{n_samples * (seq_len - 1)} tokens."
+            )
+        shas.append(text_fingerprint(text))
+        if k:
+            rows.append(sample_windows(tokenizer, text, k, seq_len, seed=seed + i, name=f"calibration text {part!r}"))
+    windows = torch.cat(rows)
+    info = CalibInfo(
+        text=str(text_spec),
+        sha256=shas[0] if len(shas) == 1 else text_fingerprint("+".join(shas)),
+        samples=n_samples,
+        seq_len=seq_len,
+        seed=seed,
+        tokens=int(windows.numel()),
+    )
+    return windows, info
+
+
+def text_forward_loop(
+    tokenizer, text: str, n_samples: int = 32, seq_len: int = 256, seed: int = 0, batch_size: int = 8
+) -> ForwardLoop:
+    """A ``forward_loop(model)`` over seeded windows of a text spec (train split); see :func:`text_windows`."""
+    windows, info = text_windows(tokenizer, text, n_samples, seq_len, seed)
+    loop = windows_forward_loop(windows, batch_size=batch_size)
+    loop.calib_info = info  # type: ignore[attr-defined]
+    loop.windows = windows  # type: ignore[attr-defined]
+    return loop

@@ -1,0 +1,41 @@
+"""whiten (SVD-LLM): truncation-aware data whitening.
+
+C = XᵀX = L Lᵀ (Cholesky in float64, jitter or eigen fallback through
+:func:`rankwise.engine.whitening.cholesky_factor`, which warns naming the matrix).
+SVD of W·L, truncate to k, B = U_k, A = diag(σ_k) V_kᵀ L⁻¹. Then
+‖(W − BA)Xᵀ‖_F² = ‖(W − BA) L‖_F² = Σ_{i>k} σᵢ²: the discarded σ² are exactly
+the layer's output error on the calibration inputs, and this is the best rank-k
+choice for that error.
+
+``shrink`` λ replaces C by (1−λ)C + λ·diag(C) before factorising: shrinkage
+toward the diagonal, which keeps the whitening from over-fitting the
+calibration text's correlations (λ = 1 is a pure per-channel RMS scaling).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rankwise.compression.calibration.stats import LayerStats
+from rankwise.compression.methods.base import Method, MethodOptions, Transformed
+from rankwise.compression.methods.registry import register
+from rankwise.engine.whitening import cholesky_factor
+
+
+def shrunk_covariance(C: torch.Tensor, shrink: float) -> torch.Tensor:
+    """(1−λ)·C + λ·diag(C), float64."""
+    C = C.to(torch.float64)
+    if shrink <= 0:
+        return C
+    return (1.0 - shrink) * C + shrink * torch.diag(torch.diagonal(C))
+
+
+def _transform(W: torch.Tensor, stats: LayerStats | None, opts: MethodOptions, name: str) -> Transformed:
+    if stats is None or stats.xtx is None:
+        raise ValueError(f"whiten needs input statistics XᵀX for {name}")
+    C = shrunk_covariance(stats.xtx, opts.shrink)
+    f = cholesky_factor(C, jitter=opts.jitter, name=name)
+    return Transformed(M=W @ f.S, in_inv=f.S_inv)
+
+
+METHOD = register(Method("whiten", _transform, needs_xtx=True, doc="SVD-LLM truncation-aware whitening"))

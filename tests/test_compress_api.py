@@ -1,0 +1,261 @@
+"""rankwise.compress on tiny Llama-GQA, GPT-2 (Conv1D) and BERT models; save/load; sequential calibration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import rankwise
+from rankwise.compression.api import CompressConfig, compress
+from rankwise.compression.calibration import StatsCollector, capture_block_inputs, find_blocks, run_block
+from rankwise.compression.calibration.loops import windows_forward_loop
+from rankwise.engine.metrics import break_even_rank
+from rankwise.errors import RankwiseError
+from rankwise.surgery import LowRankLinear, find_targets
+
+
+def _plant_low_rank(model: torch.nn.Module, rank: int = 6, noise: float = 0.002, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for t in find_targets(model):
+        m, n = t.shape
+        W = torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g) / rank**0.5
+        t.set_weight(0.3 * W + noise * torch.randn(m, n, generator=g))
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=3, vocab_size=128, max_position_embeddings=64)
+    m = LlamaForCausalLM(cfg).eval()
+    _plant_low_rank(m, seed=seed)
+    return m
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    m = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=96, n_positions=64,
+                                   bos_token_id=0, eos_token_id=0)).eval()
+    _plant_low_rank(m)
+    return m
+
+
+def windows(vocab: int = 128, n: int = 8, t: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def copy_of(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("method", ["svd", "asvd", "fwsvd", "whiten"])
+@pytest.mark.parametrize("alloc", ["uniform", "global"])
+def test_llama_gqa_compresses(method, alloc):
+    model = tiny_llama()
+    x = windows()
+    ref = model(x).logits
+    before = sum(p.numel() for p in model.parameters())
+    res = compress(model, CompressConfig(ratio=0.3, method=method, alloc=alloc, progress=False), calib=x)
+    lows = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    assert lows, "nothing was factorised"
+    for name, mod in lows.items():
+        assert res.ranks[name] == mod.rank < break_even_rank(mod.out_features, mod.in_features)
+    assert res.params_before == before and res.params_after < before
+    assert res.achieved_ratio >= 0.3 - 0.05
+    assert res.targeted_params_before - res.targeted_params_after == before - res.params_after
+    out = model(x).logits
+    rel = float((out - ref).pow(2).mean() / ref.pow(2).mean())
+    assert rel < 0.05  # planted rank 6 ≪ kept ranks: the model barely changes
+    meta = model.rankwise_meta
+    assert meta["method"] == method and meta["allocation"] == alloc
+    assert meta["rank_per_matrix"] == res.ranks and meta["asked_ratio"] == 0.3
+    if method != "svd":
+        assert meta["calibration"]["samples"] == 8 and meta["calibration"]["seq_len"] == 32
+    else:
+        assert meta["calibration"] is None  # data-free
+
+
+def test_whiten_beats_svd_on_real_inputs_of_a_model():
+    x = windows(n=8, t=48)
+    errs = {}
+    for method in ("svd", "whiten"):
+        model = tiny_llama()
+        ref = model(x).logits
+        compress(model, CompressConfig(ratio=0.6, method=method, alloc="uniform", sequential=False,
+                                       progress=False), calib=x)
+        errs[method] = float((model(x).logits - ref).pow(2).mean())
+    assert errs["whiten"] < errs["svd"]
+
+
+def test_gpt2_conv1d_compresses_and_dense_export_matches(tmp_path):
+    model = tiny_gpt2()
+    x = windows(vocab=96)
+    res = compress(model, ratio=0.25, method="whiten", alloc="global", calib=x, progress=False)
+    assert any(isinstance(m, LowRankLinear) and m.orig_kind == "conv1d" for m in model.modules())
+    out = model(x).logits
+    rankwise.export_dense(model, tmp_path / "dense")
+    dense = GPT2LMHeadModel.from_pretrained(str(tmp_path / "dense")).eval()
+    assert torch.allclose(dense(x).logits, out, atol=1e-4)
+    assert res.sequential
+
+
+def test_bert_compresses_with_a_forward_loop_callable():
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                 vocab_size=100, max_position_embeddings=64)).eval()
+    _plant_low_rank(model)
+    data = [torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    calls = []
+
+    def forward_loop(m):
+        calls.append(1)
+        with torch.no_grad():
+            for ids in data:
+                m(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+    ref = model(input_ids=data[0]).last_hidden_state
+    res = compress(model, CompressConfig(ratio=0.2, method="whiten", alloc="uniform", sequential=True,
+                                         progress=False), calib=forward_loop)
+    assert calls and res.sequential
+    assert res.calibration["text"] == "<forward_loop>"
+    assert any(n.startswith("pooler") for n in res.ranks)  # a target outside the blocks is handled too
+    out = model(input_ids=data[0]).last_hidden_state
+    assert torch.isfinite(out).all()
+    assert float((out - ref).pow(2).mean() / ref.pow(2).mean()) < 0.1
+
+
+def test_find_blocks_and_sequential_stats_differ_in_later_blocks():
+    model = tiny_llama()
+    x = windows()
+    targets = find_targets(model)
+    blocks = find_blocks(model, targets)
+    assert blocks is not None and blocks.prefix == "model.layers" and len(blocks.modules) == 3
+    loop = windows_forward_loop(x)
+    inputs = capture_block_inputs(model, blocks.modules[0], loop)
+    assert len(inputs) == 1  # one batch of 8 windows
+    # the captured block-0 input equals the embedding output
+    assert torch.allclose(inputs[0][0][0], model.model.embed_tokens(x))
+    name = "model.layers.2.self_attn.q_proj"
+    stats = {}
+    for seq in (False, True):
+        m = copy_of(model)
+        cache: dict = {}
+        compress(m, CompressConfig(ratio=0.5, method="whiten", alloc="uniform", sequential=seq, progress=False),
+                 calib=x, stats_cache=None if seq else cache)
+        if not seq:
+            stats[seq] = cache[name].xtx
+    # recompute sequential statistics of block 2 by hand: run blocks 0,1 of a compressed copy
+    m = copy_of(model)
+    compress(m, CompressConfig(ratio=0.5, method="whiten", alloc="uniform", sequential=True, progress=False), calib=x)
+    b = find_blocks(m, targets)
+    inp = capture_block_inputs(m, b.modules[0], loop)
+    h = [inp[0][0][0]]
+    for i in range(2):
+        h = run_block(b.modules[i], inp, h)
+    dense_q = copy_of(model).model.layers[2].self_attn.q_proj
+    m.model.layers[2].self_attn.q_proj = dense_q
+    from rankwise.surgery.targets import Target
+
+    with StatsCollector([Target(name, dense_q)]) as col:
+        run_block(m.model.layers[2], inp, h)
+    seq_xtx = col.stats[name].xtx
+    assert not torch.allclose(seq_xtx, stats[False], rtol=1e-3)
+    # and the dense statistics are what a non-sequential hook pass over the dense model gives
+    with StatsCollector([t for t in find_targets(model) if t.name == name]) as col2:
+        loop(model)
+    assert torch.allclose(col2.stats[name].xtx, stats[False])
+
+
+def test_sequential_output_closer_to_dense_than_non_sequential_at_high_ratio():
+    x = windows(n=16, t=32)
+    errs = {}
+    for seq in (False, True):
+        model = tiny_llama(seed=3)
+        ref = model(x).logits
+        res = compress(model, CompressConfig(ratio=0.6, method="whiten", alloc="uniform", sequential=seq,
+                                             progress=False), calib=x)
+        assert res.sequential == seq
+        errs[seq] = float((model(x).logits - ref).pow(2).mean())
+    assert errs[True] < errs[False] * 1.05
+
+
+def test_save_load_identical_logits_and_rankwise_json(tmp_path):
+    model = tiny_llama()
+    x = windows()
+    res = compress(model, CompressConfig(ratio=0.3, progress=False), calib=x)
+    out = model(x).logits
+    rankwise.save(model, tmp_path / "c")
+    meta = json.loads((tmp_path / "c" / "rankwise.json").read_text())
+    assert meta["method"] == "whiten" and meta["allocation"] == "global"
+    assert meta["asked_ratio"] == 0.3 and abs(meta["achieved_ratio"] - res.achieved_ratio) < 1e-12
+    assert meta["calibration"]["sha256"] and meta["calibration"]["samples"] == 8
+    assert {k: v for k, v in res.ranks.items() if v is not None} == meta["ranks"]
+    loaded = rankwise.load(tmp_path / "c")
+    assert torch.equal(loaded(x).logits, out)
+    with pytest.raises(RankwiseError, match="already exists"):
+        rankwise.save(model, tmp_path / "c")
+
+
+def test_load_rejects_missing_meta_and_mismatched_tensors(tmp_path):
+    model = tiny_llama()
+    compress(model, CompressConfig(ratio=0.3, alloc="uniform", progress=False), calib=windows())
+    rankwise.save(model, tmp_path / "c")
+    model.save_pretrained(str(tmp_path / "plain"))
+    with pytest.raises(RankwiseError, match="no rankwise.json"):
+        rankwise.load(tmp_path / "plain")
+    meta_file = tmp_path / "c" / "rankwise.json"
+    meta = json.loads(meta_file.read_text())
+    name = next(iter(meta["layers"]))
+    meta["layers"][name]["rank"] += 1
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(RankwiseError, match="do not match the rank map"):
+        rankwise.load(tmp_path / "c")
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path):
+    model = tiny_llama()
+    for bad in (0, 1, -0.1, 1.5):
+        with pytest.raises(RankwiseError, match="between 0 and 1"):
+            compress(model, ratio=bad, calib=windows(), progress=False)
+    with pytest.raises(RankwiseError, match="unknown allocation"):
+        compress(model, alloc="nope", calib=windows(), progress=False)
+    with pytest.raises(RankwiseError, match="2-D LongTensor"):
+        compress(model, calib=torch.zeros(3), progress=False)
+
+    class Tiny(torch.nn.Module):  # every matrix already at break-even: 2×2 layers
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(2, 2)
+
+    with pytest.raises(RankwiseError, match="break-even"):
+        compress(Tiny(), method="svd", alloc="uniform", ratio=0.2)
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())  # failed runs left it untouched
+
+
+class _Tok:
+    """A whitespace tokenizer: enough for text calibration tests."""
+
+    bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=False, return_attention_mask=False):
+        return {"input_ids": [2 + (hash(w) % 100) for w in text.split()]}
+
+
+def test_text_calibration_errors_say_how_many_tokens(tmp_path):
+    model = tiny_llama()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    short = tmp_path / "short.txt"
+    short.write_text("a few words only")
+    with pytest.raises(RankwiseError, match=r"empty; 4 samples of 16 tokens need about 60 tokens"):
+        compress(model, calib=str(empty), tokenizer=_Tok(), calib_samples=4, seq_len=16, progress=False)
+    with pytest.raises(RankwiseError, match=r"has 4 tokens but 4 samples of 16 tokens need 60"):
+        compress(model, calib=str(short), tokenizer=_Tok(), calib_samples=4, seq_len=16, progress=False)
+    long = tmp_path / "long.txt"
+    long.write_text(" ".join(f"w{i % 37}" for i in range(400)))
+    res = compress(model, calib=str(long), tokenizer=_Tok(), calib_samples=4, seq_len=16, progress=False)
+    assert res.calibration["text"] == str(long) and res.calibration["tokens"] == 64
