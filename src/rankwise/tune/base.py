@@ -88,12 +88,12 @@ class AdapterLayer(nn.Module):
         return rank
 
     def _param(self, t: torch.Tensor) -> nn.Parameter:
-        return nn.Parameter(t.detach().to(device=self.device, dtype=self.weight_dtype).contiguous())
+        return nn.Parameter(t.detach().to(device=self.device, dtype=self.weight_dtype).clone().contiguous())
 
     def _buffer(self, name: str, t: torch.Tensor) -> None:
         # non-persistent: the model's own state_dict stays that of the base model plus parameters;
         # adapter files are written by save_adapter, which knows saved_buffers.
-        self.register_buffer(name, t.detach().to(device=self.device, dtype=self.weight_dtype).contiguous(),
+        self.register_buffer(name, t.detach().to(device=self.device, dtype=self.weight_dtype).clone().contiguous(),
                              persistent=False)
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
