@@ -44,16 +44,16 @@ log = logging.getLogger("rankwise.train")
 
 
 def _targets_of(model: nn.Module, who: str, pattern: str | None, exclude: str | None) -> list[Target]:
-    if not any(is_matrix_module(m) for m in model.modules()):
-        if any(isinstance(m, LowRankLinear) for m in model.modules()):
-            return []  # every target was already factorised
-        raise RankwiseError(
-            f"{who} needs a model with target matrices (nn.Linear or Conv1D layers), but "
-            f"{type(model).__name__} has none; pass a model with linear layers."
-        )
     try:
         return find_targets(model, pattern, exclude)
     except RankwiseError as exc:
+        if any(isinstance(m, LowRankLinear) for m in model.modules()):
+            return []  # every target was already factorised
+        if not any(is_matrix_module(m) for m in model.modules()):
+            raise RankwiseError(
+                f"{who} needs a model with target matrices (nn.Linear or Conv1D layers), but "
+                f"{type(model).__name__} has none; pass a model with linear layers."
+            ) from exc
         raise RankwiseError(f"{who}: {exc}") from exc
 
 
