@@ -76,3 +76,24 @@ def perplexity(
         bos=has_bos,
         text_sha256=text_fingerprint(text),
     )
+
+
+def evaluate_texts(
+    model: torch.nn.Module,
+    tokenizer,
+    texts: list[str],
+    seq_len: int = 512,
+    max_tokens: int = 4096,
+    split: str = "test",
+    progress: bool = False,
+) -> dict[str, PerplexityResult]:
+    """Perplexity on each named text (``ptb``, ``bbc``, a ``.txt`` path) using its ``split`` (test by default)."""
+    from rankwise.io.texts import load_text
+
+    return {
+        spec: perplexity(
+            model, tokenizer, load_text(spec, split), seq_len=seq_len, max_tokens=max_tokens, name=spec,
+            progress=progress,
+        )
+        for spec in texts
+    }
