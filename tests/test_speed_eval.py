@@ -1,0 +1,166 @@
+"""Speed measurement: prefill/decode/peak memory, greedy equivalence, layer cost model and break-even ranks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from rankwise.engine.metrics import break_even_rank
+from rankwise.errors import RankwiseError
+from rankwise.evaluation.speed import (
+    DEFAULT_COST_MODELS,
+    SMOLLM2_SHAPES,
+    LayerCostModel,
+    PeakMemory,
+    cost_model,
+    fit_cost_model,
+    greedy_decode,
+    measure_speed,
+    prompt_ids,
+    speed_break_even_rank,
+    time_layers,
+)
+from rankwise.surgery import LowRankLinear, find_targets, set_module
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, vocab_size=128, max_position_embeddings=128, tie_word_embeddings=True,
+                      bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=128)).eval()
+
+
+def full_rank(model: nn.Module) -> nn.Module:
+    """Every target replaced by its exact full-rank factorisation (same function, two matmuls)."""
+    for t in find_targets(model):
+        set_module(model, t.name, LowRankLinear.from_linear(t.module, min(t.shape)))
+    return model
+
+
+def _ids(vocab: int, n: int = 20) -> torch.Tensor:
+    return torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_greedy_decode_equals_generate(build) -> None:
+    model = build()
+    ids = _ids(100)
+    tokens, tp, td = greedy_decode(model, ids, new_tokens=6)
+    ref = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6, pad_token_id=0)[0, ids.shape[1]:]
+    assert tokens == ref.tolist()
+    assert tp > 0 and td > 0
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_measure_speed_dense_vs_full_rank_factorised(build) -> None:
+    dense = build()
+    fact = full_rank(build())
+    assert sum(isinstance(m, LowRankLinear) for m in fact.modules()) > 0
+    ids = _ids(100, 24)
+    res = measure_speed({"dense": dense, "factorised": fact}, ids, new_tokens=8, repeats=2, warmup=1)
+    assert list(res) == ["dense", "factorised"]
+    for r in res.values():
+        assert r.prefill_tokens_per_s > 0 and r.decode_tokens_per_s > 0
+        assert r.peak_memory_mb > 0 and r.memory_kind == "rss"
+        assert len(r.prefill_s) == len(r.decode_s) == 2 and r.prompt_tokens == 24 and r.new_tokens == 8
+        assert r.prefill_tokens_per_s == pytest.approx(24 / (sum(r.prefill_s) / 2))  # median of two = mean
+    assert res["dense"].generated == res["factorised"].generated
+    assert len(res["dense"].generated) == 8
+
+
+def test_measure_speed_encoder_has_no_decode() -> None:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                vocab_size=100, max_position_embeddings=64)).eval()
+    r = measure_speed(bert, _ids(100, 16), repeats=1, warmup=0)["model"]
+    assert r.prefill_tokens_per_s > 0 and r.decode_tokens_per_s is None and r.generated == []
+
+
+def test_measure_speed_bad_arguments() -> None:
+    with pytest.raises(RankwiseError, match="repeats"):
+        measure_speed(tiny_llama(), _ids(100), repeats=0)
+    with pytest.raises(RankwiseError, match="at least one model"):
+        measure_speed({}, _ids(100))
+
+
+def test_peak_memory_sees_an_allocation() -> None:
+    with PeakMemory() as pm:
+        x = torch.ones(64 * 2**20 // 4 * 4)  # 256 MB of float32, touched
+        x += 1
+        del x
+    assert pm.extra_mb > 150 and pm.peak_mb >= pm.extra_mb
+
+
+def test_prompt_ids_and_too_short_prompt() -> None:
+    class Tok:
+        bos_token_id = 7
+
+        def __call__(self, text, add_special_tokens=False, return_attention_mask=False):
+            return {"input_ids": [len(w) for w in text.split()]}
+
+    ids = prompt_ids(Tok(), "a bb ccc dddd eeeee", n_tokens=4)
+    assert ids.tolist() == [[7, 1, 2, 3]]
+    with pytest.raises(RankwiseError, match="fewer than the 9"):
+        prompt_ids(Tok(), "a bb ccc", n_tokens=10, name="tiny")
+
+
+def test_fit_cost_model_recovers_known_parameters() -> None:
+    truth = LayerCostModel(tokens=64, overhead_s=5e-6, mac_rate=5e10, efficiency=0.8)
+    samples = []
+    for m, n in SMOLLM2_SHAPES:
+        samples.append((m, n, None, truth.dense_s(m, n)))
+        samples += [(m, n, k, truth.factorised_s(m, n, k)) for k in (20, 80, 160)]
+    fit = fit_cost_model(samples, 64)
+    assert fit.overhead_s == pytest.approx(5e-6, rel=1e-6)
+    assert fit.mac_rate == pytest.approx(5e10, rel=1e-6)
+    assert fit.efficiency == pytest.approx(0.8, rel=1e-6)
+    # break-even: equal times, closed form
+    m, n = 576, 1536
+    k = fit.break_even(m, n)
+    assert fit.factorised_s(m, n, k) == pytest.approx(fit.dense_s(m, n), rel=1e-9)
+    assert k == pytest.approx(0.8 * (m * n - 5e-6 * 5e10 / 64) / (m + n), rel=1e-6)
+
+
+def test_speed_break_even_rank_properties() -> None:
+    for m, n in [*SMOLLM2_SHAPES, (64, 64), (4096, 11008)]:
+        be = break_even_rank(m, n)
+        k512 = speed_break_even_rank(m, n)
+        k1 = speed_break_even_rank(m, n, tokens=1)
+        both = speed_break_even_rank(m, n, tokens=(1, 512))
+        assert 0 <= k512 < be and 0 <= k1 < be
+        assert both == min(k1, k512)
+        cm = cost_model(512)
+        if 0 < k512 < be - 1:  # limited by speed: the next rank is slower than dense, this one is not
+            assert cm.factorised_s(m, n, k512) <= cm.dense_s(m, n) < cm.factorised_s(m, n, k512 + 1)
+    # tiny layers are dominated by call overhead: decode never pays off for them
+    assert speed_break_even_rank(8, 8, tokens=1) == 0
+    # a custom model that is twice as efficient as dense gives the parameter cap
+    fast = LayerCostModel(tokens=512, overhead_s=0.0, mac_rate=1e11, efficiency=2.0)
+    assert speed_break_even_rank(576, 576, model=fast) == break_even_rank(576, 576) - 1
+    with pytest.raises(RankwiseError):
+        speed_break_even_rank(0, 5)
+    assert set(DEFAULT_COST_MODELS) == {1, 64, 512}
+    assert cost_model(300).tokens == 300 and cost_model(300).mac_rate == DEFAULT_COST_MODELS[512].mac_rate
+
+
+def test_time_layers_and_measured_model() -> None:
+    dense, fact = time_layers(192, 576, [16, 100], tokens=8, rounds=2, target_s=0.001)
+    assert dense > 0 and set(fact) == {16, 100} and all(t > 0 for t in fact.values())
+    k = speed_break_even_rank(192, 576, tokens=8, measure=True)
+    assert 0 <= k < break_even_rank(192, 576)
+    assert math.isfinite(cost_model(8, measure=True).mac_rate)
