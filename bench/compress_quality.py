@@ -95,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--ratios", default=None,
+                    help="comma list: only these ratios of the grid (e.g. to split the quick grid over two processes, "
+                    "each with its own baseline; then --merge the JSON files)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="merge result files of earlier runs into --out and print the table (no measuring)")
     ap.add_argument("--no-baseline", action="store_true", help="with --only: skip the baseline at the same ratios")
     ap.add_argument("--out", default="bench/results/compress_quality.json")
     ap.add_argument("--threads", type=int, default=0,
@@ -102,6 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        rows = [dict(r, process=i) for i, p in enumerate(parts) for r in p["rows"]]
+        rows.sort(key=lambda r: (r["tag"] != "baseline", r["tag"] != "best", r["tag"], r["ratio"]))
+        _write(args, parts[0]["dense"], rows, note=f"merged from {len(parts)} processes; each row is compared "
+               "with the baseline measured in its own process")
+        _table(parts[0]["dense"], rows)
+        return 0
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.only:
@@ -111,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             grid = [{**BASELINE, "ratio": r, "tag": "baseline"} for r in ratios] + grid
     else:
         grid = full_grid() if args.full else quick_grid()
+    if args.ratios:
+        keep = {float(r) for r in args.ratios.split(",")}
+        grid = [c for c in grid if c["ratio"] in keep]
 
     tok = load_tokenizer(args.model)
     base = load_model(args.model)
@@ -157,13 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _baseline_of(rows: list[dict], ratio: float) -> dict | None:
-    return next((r for r in rows if r["tag"] == "baseline" and r["ratio"] == ratio), None)
+def _baseline_of(rows: list[dict], row: dict) -> dict | None:
+    return next((r for r in rows if r["tag"] == "baseline" and r["ratio"] == row["ratio"]
+                 and r.get("process") == row.get("process")), None)
 
 
-def _write(args, dense: dict, rows: list[dict]) -> None:
+def _write(args, dense: dict, rows: list[dict], note: str = "") -> None:
     for r in rows:
-        b = _baseline_of(rows, r["ratio"])
+        b = _baseline_of(rows, r)
         if b is not None:
             r["vs_baseline_ptb"] = r["ppl_ptb"] / b["ppl_ptb"]
             r["vs_baseline_bbc"] = r["ppl_bbc"] / b["ppl_bbc"]
@@ -176,6 +193,7 @@ def _write(args, dense: dict, rows: list[dict]) -> None:
         "eval": {"tokens": args.tokens, "seq_len": args.seq_len, "texts": ["ptb:test", "bbc:test"]},
         "calibration": "ptb train, 32 × 256 tokens, seed 0 (unless a row says otherwise)",
         "torch_threads": torch.get_num_threads(),
+        "note": note,
         "dense": dense,
         "rows": rows,
     }

@@ -89,6 +89,17 @@ def test_shrinkage_interpolates_between_whiten_and_rms_scaling(problem):
     assert torch.allclose(err, (half.S[3:] ** 2).sum(), rtol=1e-8)
 
 
+def test_identity_shrinkage_at_one_is_plain_svd(problem):
+    W, X = problem
+    st = _stats(X)
+    p = get_method("whiten").prepare(W, st, MethodOptions(shrink=1.0, shrink_target="identity", jitter=0.0))
+    scale = torch.diagonal(st.xtx).mean().sqrt()
+    assert torch.allclose(p.S, torch.linalg.svdvals(W) * scale)
+    B, A = p.factors(4)
+    Bs, As = get_method("svd").prepare(W, None).factors(4)
+    assert torch.allclose(B @ A, Bs @ As, atol=1e-9)
+
+
 def test_singular_statistics_warn_naming_the_matrix():
     W = torch.randn(8, 6, dtype=torch.float64)
     X = torch.randn(3, 6, dtype=torch.float64)  # 3 tokens: XᵀX has rank 3 < 6

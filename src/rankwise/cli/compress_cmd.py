@@ -40,8 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=_D.seed, help="calibration sampling seed")
     parser.add_argument("--shrink", type=float, default=_D.shrink,
                         help=f"whiten: shrink XᵀX toward its diagonal by this fraction (default {_D.shrink})")
+    parser.add_argument("--shrink-target", default=_D.shrink_target, choices=["diag", "identity"],
+                        help=f"whiten: shrink toward diag(XᵀX) or a scaled identity (default {_D.shrink_target})")
     parser.add_argument("--alloc-norm", default=_D.alloc_norm, choices=["none", "total", "log"],
                         help=f"global allocation: normalisation of each matrix's σ² (default {_D.alloc_norm})")
+    parser.add_argument("--alloc-sensitivity", default=_D.alloc_sensitivity, choices=["none", "fisher"],
+                        help="global allocation: weight each matrix's σ² by its mean squared output gradient "
+                        f"(default {_D.alloc_sensitivity})")
     parser.add_argument("--min-rank-frac", type=float, default=_D.min_rank_frac,
                         help="global allocation: no matrix below this fraction of the uniform rank "
                         f"(default {_D.min_rank_frac})")
@@ -78,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
     config = CompressConfig(
         ratio=args.ratio, method=args.method, alloc=args.alloc, sequential=args.sequential, calib=args.calib,
         calib_samples=args.calib_samples, seq_len=args.seq_len, seed=args.seed, shrink=args.shrink,
-        alloc_norm=args.alloc_norm, min_rank_frac=args.min_rank_frac, targets=args.targets, exclude=args.exclude,
+        shrink_target=args.shrink_target,
+        alloc_norm=args.alloc_norm, alloc_sensitivity=args.alloc_sensitivity,
+        min_rank_frac=args.min_rank_frac, targets=args.targets, exclude=args.exclude,
     )
     t0 = time.perf_counter()
     with console.status(f"loading {args.model or 'smollm2-135m'} …"):

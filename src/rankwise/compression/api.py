@@ -54,8 +54,10 @@ class CompressConfig:
     alloc: ``uniform``, ``energy``, ``welore`` or ``global``.
     sequential: block ℓ's statistics come from the outputs of the compressed blocks < ℓ.
     calib / calib_samples / seq_len / seed: default calibration text (train split) and sampling.
-    shrink: whiten only; shrinkage of XᵀX toward its diagonal, C ← (1−λ)C + λ·diag(C).
+    shrink / shrink_target: whiten only; C ← (1−λ)C + λ·T, T = diag(C) ("diag") or mean(diag C)·I ("identity").
     alloc_norm / min_rank_frac: global allocation's normalisation and rank floor (× uniform rank).
+    alloc_sensitivity: ``fisher`` weights each matrix's σ² by its mean squared output gradient
+        (loss units; from the first ``sens_samples`` calibration windows), ``none`` does not.
     skip_first: drop the first positions of each calibration sequence (BOS) from the statistics.
     targets / exclude: regexes over module names (default: all but LM head / tied layers).
     """
@@ -69,7 +71,10 @@ class CompressConfig:
     seq_len: int = 256
     seed: int = 0
     shrink: float = 0.0
+    shrink_target: str = "diag"
     alloc_norm: str = "total"
+    alloc_sensitivity: str = "none"
+    sens_samples: int = 8
     min_rank_frac: float = 0.0
     skip_first: int = 0
     asvd_alpha: float = 0.5
@@ -142,6 +147,7 @@ def resolve_calib(
         from rankwise.io.texts import text_fingerprint
 
         loop = windows_forward_loop(calib, batch_size=config.batch_size, with_loss=with_loss)
+        loop.windows = calib  # type: ignore[attr-defined]
         sha = text_fingerprint(",".join(map(str, calib.flatten().tolist())))
         return loop, CalibInfo(text="<token windows>", sha256=sha, samples=int(calib.shape[0]),
                                seq_len=int(calib.shape[1]), tokens=int(calib.numel()))
@@ -153,7 +159,9 @@ def resolve_calib(
         )
     tok = tokenizer if tokenizer is not None else _default_tokenizer(model)
     windows, info = text_windows(tok, spec, config.calib_samples, config.seq_len, config.seed)
-    return windows_forward_loop(windows, batch_size=config.batch_size, with_loss=with_loss), info
+    loop = windows_forward_loop(windows, batch_size=config.batch_size, with_loss=with_loss)
+    loop.windows = windows  # type: ignore[attr-defined]
+    return loop, info
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -281,7 +289,8 @@ class _Runner:
 
 
 def _options(config: CompressConfig) -> MethodOptions:
-    return MethodOptions(asvd_alpha=config.asvd_alpha, shrink=config.shrink, jitter=config.jitter)
+    return MethodOptions(asvd_alpha=config.asvd_alpha, shrink=config.shrink, shrink_target=config.shrink_target,
+                         jitter=config.jitter)
 
 
 def _count(model: nn.Module) -> int:
@@ -321,6 +330,10 @@ def compress(
         raise RankwiseError(f"unknown allocation {config.alloc!r}; choose one of uniform, energy, welore, global.")
     if not 0.0 <= config.shrink <= 1.0:
         raise RankwiseError(f"shrink must lie in [0, 1], got {config.shrink}.")
+    if config.alloc_sensitivity not in ("none", "fisher"):
+        raise RankwiseError(f"alloc_sensitivity must be 'none' or 'fisher', got {config.alloc_sensitivity!r}.")
+    if config.shrink_target not in ("diag", "identity"):
+        raise RankwiseError(f"shrink_target must be 'diag' or 'identity', got {config.shrink_target!r}.")
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     targets = find_targets(model, config.targets, config.exclude)
@@ -355,9 +368,20 @@ def compress(
             return False
 
         runner.walk(spectra, sequential=False, desc="calibrate + spectra")
+    sensitivity = None
+    if config.alloc_sensitivity == "fisher" and config.alloc in NEEDS_SPECTRA:
+        from rankwise.compression.calibration.sensitivity import output_sensitivity
+
+        windows = getattr(loop, "windows", None)
+        if windows is None:
+            raise RankwiseError("alloc_sensitivity='fisher' needs text or token-window calibration, not a callable.")
+        sens = output_sensitivity(
+            model, targets, windows_forward_loop(windows[: config.sens_samples], batch_size=config.batch_size,
+                                                 with_loss=True))
+        sensitivity = [sens[t.name] for t in targets]
     alloc = allocate(
         config.alloc, shapes, config.ratio, energies=energies if config.alloc in NEEDS_SPECTRA else None,
-        norm=config.alloc_norm, min_rank_frac=config.min_rank_frac,
+        norm=config.alloc_norm, min_rank_frac=config.min_rank_frac, sensitivity=sensitivity,
     )
     rank_of = {t.name: r for t, r in zip(targets, alloc.ranks)}
     timings["allocation"] = time.perf_counter() - t1

@@ -28,7 +28,8 @@ class MethodOptions:
     """Knobs shared by the methods (set from :class:`rankwise.compression.api.CompressConfig`)."""
 
     asvd_alpha: float = 0.5
-    shrink: float = 0.0  # whiten: C ← (1−λ)·C + λ·diag(C)
+    shrink: float = 0.0  # whiten: C ← (1−λ)·C + λ·T
+    shrink_target: str = "diag"  # T = diag(C) or mean(diag C)·I ("identity")
     jitter: float = 1e-6
 
 

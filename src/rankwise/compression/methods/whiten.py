@@ -7,9 +7,11 @@ SVD of W·L, truncate to k, B = U_k, A = diag(σ_k) V_kᵀ L⁻¹. Then
 the layer's output error on the calibration inputs, and this is the best rank-k
 choice for that error.
 
-``shrink`` λ replaces C by (1−λ)C + λ·diag(C) before factorising: shrinkage
-toward the diagonal, which keeps the whitening from over-fitting the
-calibration text's correlations (λ = 1 is a pure per-channel RMS scaling).
+``shrink`` λ replaces C by (1−λ)C + λ·T before factorising: shrinkage toward a
+target T, which keeps the whitening from over-fitting the calibration text's
+correlations. ``shrink_target="diag"``: T = diag(C) (λ = 1 is a per-channel RMS
+scaling, ASVD-like); ``"identity"``: T = mean(diag C)·I (ridge; λ = 1 is plain SVD),
+which also protects directions the calibration text never excites.
 """
 
 from __future__ import annotations
@@ -22,18 +24,25 @@ from rankwise.compression.methods.registry import register
 from rankwise.engine.whitening import cholesky_factor
 
 
-def shrunk_covariance(C: torch.Tensor, shrink: float) -> torch.Tensor:
-    """(1−λ)·C + λ·diag(C), float64."""
+def shrunk_covariance(C: torch.Tensor, shrink: float, target: str = "diag") -> torch.Tensor:
+    """(1−λ)·C + λ·T with T = diag(C) or mean(diag C)·I, float64."""
     C = C.to(torch.float64)
     if shrink <= 0:
         return C
-    return (1.0 - shrink) * C + shrink * torch.diag(torch.diagonal(C))
+    d = torch.diagonal(C)
+    if target == "diag":
+        T = torch.diag(d)
+    elif target == "identity":
+        T = d.mean() * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    else:
+        raise ValueError(f"unknown shrinkage target {target!r}; use 'diag' or 'identity'")
+    return (1.0 - shrink) * C + shrink * T
 
 
 def _transform(W: torch.Tensor, stats: LayerStats | None, opts: MethodOptions, name: str) -> Transformed:
     if stats is None or stats.xtx is None:
         raise ValueError(f"whiten needs input statistics XᵀX for {name}")
-    C = shrunk_covariance(stats.xtx, opts.shrink)
+    C = shrunk_covariance(stats.xtx, opts.shrink, opts.shrink_target)
     f = cholesky_factor(C, jitter=opts.jitter, name=name)
     return Transformed(M=W @ f.S, in_inv=f.S_inv)
 
