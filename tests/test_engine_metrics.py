@@ -209,3 +209,19 @@ def test_cholesky_factor_and_fallback() -> None:
     a, b = inverse_sqrt_factor(c)
     assert torch.allclose(a @ a.T, c, atol=1e-8)
     assert torch.allclose(b @ c @ b.T, torch.eye(12, dtype=torch.float64), atol=1e-6)
+
+
+def test_spectra_gram_method_matches_svd() -> None:
+    """method="gram" (float64 eigvalsh of the smaller Gram matrix) equals svdvals, tall and wide."""
+    sv = [0.9**i for i in range(24)]
+    mats = [matrix_with_singular_values(sv, 40, 24, seed=1).float(), matrix_with_singular_values(sv, 24, 40).float()]
+    out = spectra(mats, method="gram")
+    for s in out:
+        assert s.dtype == torch.float64 and s.shape == (24,)
+        assert torch.allclose(s, torch.tensor(sv, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+        assert bool((s[:-1] >= s[1:]).all())  # descending
+    ref = spectra(mats)
+    for a, b in zip(out, ref):
+        assert stable_rank(a) == pytest.approx(stable_rank(b), rel=1e-5)
+    with pytest.raises(ValueError):
+        spectra(mats, method="qr")

@@ -31,6 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-saving", type=float, default=0.1, help="WeLore: smallest saving of an LRC (0.1)")
     parser.add_argument("--intruder-eps", type=float, default=0.5, help="cosine threshold of an intruder (0.5)")
     parser.add_argument("--intruder-top", type=int, default=10, help="top singular vectors checked (10)")
+    parser.add_argument(
+        "--spectrum", choices=("gram", "svd"), default="gram",
+        help="how singular values are computed: float64 Gram eigenvalues (default, fast) or float32 svdvals",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads for the decompositions (default 1, robust on busy machines; 0 = torch's default)",
+    )
     parser.add_argument("--max-rows", type=int, default=None, help="show at most this many table rows")
     parser.add_argument("--quiet", action="store_true", help="no table and no progress bar")
 
@@ -40,6 +48,12 @@ def run(args: argparse.Namespace) -> int:
     from rankwise.inspection.api import InspectConfig, inspect
     from rankwise.io.atomic import check_writable
 
+    try:  # our own progress bar replaces transformers' "Loading weights" bar
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
     if args.json and args.json != "-":
         check_writable(args.json)
     if args.html:
@@ -54,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         intruder_eps=args.intruder_eps,
         intruder_top=args.intruder_top,
         progress=not args.quiet,
+        spectrum_method=args.spectrum,
+        threads=args.threads,
     )
     t0 = time.perf_counter()
     report = inspect(args.model, cfg)

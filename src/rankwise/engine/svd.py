@@ -34,6 +34,7 @@ def spectra(
     dtype: torch.dtype | None = None,
     max_batch_bytes: int = 512 * 2**20,
     on_done: Callable[[int], None] | None = None,
+    method: str = "svd",
 ) -> list[torch.Tensor]:
     """Singular values of many matrices, computed in batches of equal shape.
 
@@ -42,7 +43,16 @@ def spectra(
     capped at ``max_batch_bytes`` so memory stays bounded. ``on_done(n)`` is
     called after each batch with the number of matrices finished (for progress).
     Returns one descending float tensor per input, in input order.
+
+    ``method="svd"`` (default) calls ``svdvals``. ``method="gram"`` takes the
+    eigenvalues of the p×p Gram matrix (W Wᵀ or WᵀW, p = min(m, n)) in float64
+    with ``eigvalsh`` and returns σ = √λ as float64: a symmetric
+    eigensolver after one BLAS-3 product is several times faster than an SVD on
+    CPU, and float64 keeps the small singular values at least as accurate as a
+    float32 SVD (relative error ~1e-16·σ₁²/σᵢ² on σᵢ²).
     """
+    if method not in ("svd", "gram"):
+        raise ValueError(f"unknown spectrum method {method!r}; use 'svd' or 'gram'")
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, w in enumerate(weights):
         groups[tuple(w.shape)].append(i)
@@ -51,13 +61,24 @@ def spectra(
         per = max(1, int(max_batch_bytes // (4 * shape[0] * shape[1] * 3)))
         for start in range(0, len(idx), per):
             chunk = idx[start : start + per]
-            stack = torch.stack([_upcast(weights[i], dtype) for i in chunk])
-            sv = torch.linalg.svdvals(stack)
+            if method == "gram":
+                sv = _gram_svdvals(torch.stack([weights[i].detach().to(torch.float64) for i in chunk]))
+            else:
+                stack = torch.stack([_upcast(weights[i], dtype) for i in chunk])
+                sv = torch.linalg.svdvals(stack)
             for j, i in enumerate(chunk):
                 out[i] = sv[j]
             if on_done is not None:
                 on_done(len(chunk))
     return out  # type: ignore[return-value]
+
+
+def _gram_svdvals(stack: torch.Tensor) -> torch.Tensor:
+    """Descending singular values of a (b, m, n) float64 stack via eigvalsh of the smaller Gram matrix."""
+    m, n = stack.shape[-2:]
+    gram = stack @ stack.mT if m <= n else stack.mT @ stack
+    lam = torch.linalg.eigvalsh(gram)  # ascending
+    return lam.flip(-1).clamp_min(0).sqrt()
 
 
 def truncated_svd(

@@ -59,7 +59,8 @@ def _depth_plot(report: InspectReport, key: str, ylabel: str, log: bool = False)
         ax.plot(xs, ys, marker="o", ms=3, lw=1.2, label=typ)
     if key.startswith("alpha"):
         ax.axhspan(2, 6, color="green", alpha=0.06, lw=0)
-    if log:
+    positive = any(r.get(key) is not None and r.get(key) > 0 for r in report.matrices)
+    if log and positive:
         ax.set_yscale("log")
     ax.set_xlabel("layer (depth)")
     ax.set_ylabel(ylabel)
