@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=_positive("--repeats"), default=5,
                         help="timed repeats for --speed, median reported (default: 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds for --speed (default: 1)")
+    parser.add_argument("--threads", type=_positive("--threads"), default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is steadier on a busy machine)")
     parser.add_argument("--compare", metavar="DENSE", default=None,
                         help="a second (usually the dense) model measured side by side in this process")
     parser.add_argument("--json", metavar="PATH", default=None, help="write the results as JSON ('-' = stdout)")
@@ -93,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
 
         check_writable(args.json)
     t_start = time.time()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     texts = {spec: load_text(spec, "test") for spec in args.text}  # unknown text fails before any model loads
     names = [args.model] + ([args.compare] if args.compare else [])
     labels = ["model", "compare"][: len(names)]
