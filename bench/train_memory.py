@@ -1,0 +1,295 @@
+"""Benchmark: optimizer-state memory, speed and quality of low-rank optimisers (issue 6).
+
+SmolLM2-135M *architecture* trained from scratch (seeded init) on PTB train, the same
+seed and the same batches for every run, side by side in one process:
+
+* ``adamw``         torch.optim.AdamW (eps 1e-6, as galore-torch)
+* ``galore-torch``  galore_torch.GaLoreAdamW (the peer, exact SVD)
+* ``rw-svd``        rankwise GaLoreAdamW, exact SVD projection
+* ``rw-randomized`` rankwise, seeded randomized range finder
+* ``rw-dct``        rankwise, SVD-free DCT projection (only indices stored)
+* ``rw-fira``       rankwise, SVD projection + Fira residual
+
+all GaLore variants at rank 128, scale 0.25, the same update gap, the same
+parameter groups (attention/MLP matrices projected; embedding, norms plain).
+Second table: AdamW with the TRP and Cuttlefish callbacks on the same run.
+
+Columns: optimizer-state bytes (resident, counted from the state tensors,
+projections included) for the whole model and for the projected matrices
+only, peak RSS during the run, median time per step, time per projection
+refresh (all matrices at one refresh step), final train loss (mean of the last
+5 steps), PTB-test perplexity.
+
+    .venv/bin/python bench/train_memory.py            # writes bench/results/train_memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from rankwise.evaluation.perplexity import perplexity
+from rankwise.io.atomic import atomic_file
+from rankwise.io.models import load_tokenizer, resolve_model
+from rankwise.io.texts import load_text
+from rankwise.train import TRP, Cuttlefish, GaLoreAdamW, galore_param_groups, optimizer_state_bytes
+from rankwise.train.loop import train_loop, training_windows
+from rankwise.train.peers import galore_torch_adamw
+
+OPTIMIZERS = ["adamw", "galore-torch", "rw-svd", "rw-randomized", "rw-dct", "rw-fira"]
+CALLBACKS = ["adamw+trp", "adamw+cuttlefish"]
+
+
+class PeakRSS:
+    """Samples this process's RSS in a thread; ``peak`` is the maximum seen while running."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.proc = psutil.Process()
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self.proc.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def release_memory() -> None:
+    """Free Python garbage and hand freed heap back to the OS (so each run's RSS starts low)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def build_model(config: Any, seed: int) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def build_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    if name.startswith("adamw"):
+        return torch.optim.AdamW(model.parameters(), lr=args.lr, eps=1e-6, weight_decay=0.0)
+    groups = galore_param_groups(model, rank=args.rank, update_proj_gap=args.update_gap, scale=args.scale)
+    if name == "galore-torch":
+        return galore_torch_adamw()(groups, lr=args.lr, eps=1e-6, weight_decay=0.0, no_deprecation_warning=True)
+    projection = {"rw-svd": "svd", "rw-randomized": "randomized", "rw-dct": "dct", "rw-fira": "svd"}[name]
+    return GaLoreAdamW(groups, lr=args.lr, eps=1e-6, weight_decay=0.0, projection=projection,
+                       fira=name == "rw-fira", seed=args.seed)
+
+
+class PeerRefreshTimer:
+    """Times galore-torch's SVD refreshes (GaLoreProjector.get_orthogonal_matrix)."""
+
+    def __init__(self) -> None:
+        import galore_torch.galore_projector as gp
+
+        self.cls = gp.GaLoreProjector
+        self.orig = self.cls.get_orthogonal_matrix
+        self.seconds: list[float] = []
+
+    def __enter__(self) -> PeerRefreshTimer:
+        orig, seconds = self.orig, self.seconds
+
+        def timed(proj: Any, weights: torch.Tensor, rank: int, type: str) -> Any:  # noqa: A002
+            t0 = time.perf_counter()
+            out = orig(proj, weights, rank, type)
+            seconds.append(time.perf_counter() - t0)
+            return out
+
+        self.cls.get_orthogonal_matrix = timed
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cls.get_orthogonal_matrix = self.orig
+
+
+def run_one(name: str, config: Any, tok: Any, windows: torch.Tensor, test_text: str, args: argparse.Namespace
+            ) -> dict[str, Any]:
+    release_memory()
+    model = build_model(config, args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = build_optimizer(name, model, args)
+    callbacks = []
+    if name.endswith("+trp"):
+        callbacks = [TRP(lam=args.trp_lam, every=args.trp_every, energy=args.trp_energy,
+                         penalty_every=args.trp_penalty_every)]
+    elif name.endswith("+cuttlefish"):
+        callbacks = [Cuttlefish(check_every=args.cf_check_every, tol=args.cf_tol, patience=2)]
+    peer_timer = PeerRefreshTimer() if name == "galore-torch" else None
+    rss = PeakRSS()
+    t0 = time.perf_counter()
+    with rss:
+        if peer_timer is not None:
+            with peer_timer:
+                result = train_loop(model, opt, windows, args.batch_size, callbacks=callbacks, desc=name)
+        else:
+            result = train_loop(model, opt, windows, args.batch_size, callbacks=callbacks, desc=name)
+    wall = time.perf_counter() - t0
+    refresh = peer_timer.seconds if peer_timer is not None else result.refresh_seconds
+    n_refresh_steps = len(range(0, args.steps, args.update_gap))
+    mem = optimizer_state_bytes(opt)
+    ppl = perplexity(model, tok, test_text, seq_len=args.eval_seq_len, max_tokens=args.eval_tokens, name="ptb:test")
+    n_params_end = sum(p.numel() for p in model.parameters())
+    out = {
+        "name": name,
+        "state_bytes": mem.total,
+        "state_bytes_projected": mem.projected,
+        "state_bytes_plain": mem.plain,
+        "state_bytes_logical": mem.logical,
+        "state_bytes_logical_projected": mem.logical_projected,
+        "peak_rss_bytes": rss.peak,
+        "seconds_per_step": result.seconds_per_step,
+        "train_seconds": wall,
+        "refresh_seconds_total": sum(refresh) if refresh else None,
+        "refresh_seconds_per_refresh": (sum(refresh) / n_refresh_steps) if refresh else None,
+        "refresh_count_matrices": len(refresh),
+        "final_loss": result.final_loss,
+        "losses": result.losses,
+        "perplexity": ppl.perplexity,
+        "params_start": n_params,
+        "params_end": n_params_end,
+        "events": [e for e in result.events if e.get("action") == "factorise"][:5],
+        "n_factorised": sum(1 for e in result.events if e.get("action") == "factorise"),
+    }
+    del model, opt, result
+    release_memory()
+    return out
+
+
+def mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.1f}"
+
+
+def print_tables(rows: list[dict[str, Any]]) -> str:
+    base = next((r for r in rows if r["name"] == "adamw"), None)
+    lines = [
+        "| optimizer | state MiB (whole) | % AdamW | state MiB (projected) | % AdamW | peak RSS MiB | s/step "
+        "| s/refresh | final loss | PTB ppl |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["name"] in CALLBACKS:
+            continue
+        pct = pct_p = "-"
+        proj_bytes = r["adamw_projected_bytes"] if r["name"] == "adamw" else r["state_bytes_projected"]
+        if base:
+            pct = f"{100 * r['state_bytes'] / base['state_bytes']:.1f}"
+            pct_p = f"{100 * proj_bytes / base['adamw_projected_bytes']:.1f}"
+        ref = "-" if r["refresh_seconds_per_refresh"] is None else f"{r['refresh_seconds_per_refresh']:.2f}"
+        lines.append(
+            f"| {r['name']} | {mib(r['state_bytes'])} | {pct} | {mib(proj_bytes)} | {pct_p} | "
+            f"{mib(r['peak_rss_bytes'])} | {r['seconds_per_step']:.2f} | {ref} | {r['final_loss']:.3f} | "
+            f"{r['perplexity']:.1f} |"
+        )
+    cb_rows = [r for r in rows if r["name"] in CALLBACKS or r["name"] == "adamw"]
+    if len(cb_rows) > 1:
+        lines += ["", "| run | parameters at end | factorised matrices | final loss | PTB ppl |",
+                  "|---|---|---|---|---|"]
+        for r in cb_rows:
+            lines.append(f"| {r['name']} | {r['params_end']:,} | {r['n_factorised']} | {r['final_loss']:.3f} | "
+                         f"{r['perplexity']:.1f} |")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--rank", type=int, default=128)
+    ap.add_argument("--update-gap", type=int, default=200)
+    ap.add_argument("--scale", type=float, default=0.25)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-tokens", type=int, default=1024)
+    ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--trp-lam", type=float, default=1e-3)
+    ap.add_argument("--trp-every", type=int, default=10)
+    ap.add_argument("--trp-energy", type=float, default=0.9)
+    ap.add_argument("--trp-penalty-every", type=int, default=10)
+    ap.add_argument("--cf-check-every", type=int, default=3)
+    ap.add_argument("--cf-tol", type=float, default=0.02)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: OpenMP spinning makes 2 threads far slower on a busy shared box)")
+    ap.add_argument("--only", default=None, help="comma-separated subset of runs")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_memory.json"))
+    args = ap.parse_args(argv)
+
+    from transformers import AutoConfig
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    path = resolve_model(args.model)
+    config = AutoConfig.from_pretrained(str(path))
+    tok = load_tokenizer(path)
+    windows = training_windows(tok, load_text("ptb", "train"), args.steps, args.batch_size, args.seq_len,
+                               seed=args.seed, name="ptb:train")
+    test_text = load_text("ptb", "test")
+    names = OPTIMIZERS + CALLBACKS if args.only is None else args.only.split(",")
+    t_start = time.perf_counter()
+    rows = []
+    for name in names:
+        print(f"== {name}", file=sys.stderr, flush=True)
+        row = run_one(name, config, tok, windows, test_text, args)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("losses", "events")}), file=sys.stderr, flush=True)
+        rows.append(row)
+    # AdamW's bytes on the projected matrices alone: 2 moments of each of them (+ its step counter)
+    model = build_model(config, args.seed)
+    groups = galore_param_groups(model, rank=args.rank)
+    adamw_proj = sum(2 * p.numel() * p.element_size() + 4 for p in groups[-1]["params"])
+    for r in rows:
+        r["adamw_projected_bytes"] = adamw_proj
+    del model
+    table = print_tables(rows)
+    report = {
+        "benchmark": "train_memory",
+        "command": "python bench/train_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "model_architecture": args.model,
+        "tokens_per_step": args.batch_size * args.seq_len,
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "platform": platform.platform(), "torch": torch.__version__,
+                    "load_avg_at_end": os.getloadavg()},
+        "total_seconds": time.perf_counter() - t_start,
+        "rows": rows,
+        "table_markdown": table,
+    }
+    with atomic_file(args.out) as fh:
+        fh.write(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out} in {report['total_seconds'] / 60:.1f} min", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
