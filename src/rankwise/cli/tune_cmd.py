@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge", default=None, metavar="DIR",
                    help="also write the merged dense model as a standard HF folder")
     p.add_argument("--export-peft", default=None, metavar="DIR", help="also write a PEFT LoRA folder (lora, pissa)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's; 1 is often faster on an oversubscribed machine)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
     p.add_argument("--json", default=None, metavar="PATH", help="write the run summary as JSON ('-' = stdout)")
 
@@ -109,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
 
         _, _, labels = load_labelled(tcfg.data, "train")  # one-line error when the data has no labels
     model_path = resolve_model(args.model)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise RankwiseError(f"--threads must be >= 1, got {args.threads}.")
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
     # -- model ------------------------------------------------------------------------------------

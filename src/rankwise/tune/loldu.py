@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankwise.tune.base import AdapterLayer
+from rankwise.tune.base import AdapterLayer, decomposition_threads
 from rankwise.tune.config import AdapterConfig
 
 
 def ldu_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """((PL)_r m×r, d_r, U_r r×n) of the pivoted LU of ``w`` (float32)."""
-    p, lower, upper = torch.linalg.lu(w.float())
+    with decomposition_threads(*w.shape):
+        p, lower, upper = torch.linalg.lu(w.float())
     pl = (p @ lower)[:, :rank]
     diag = torch.diagonal(upper)[:rank].clone()
     up = upper[:rank].clone()

@@ -13,13 +13,15 @@ import torch
 from torch import nn
 
 from rankwise.engine.svd import truncated_svd
+from rankwise.tune.base import decomposition_threads
 from rankwise.tune.config import AdapterConfig
 from rankwise.tune.lora import LoRALayer
 
 
 def top_svd(w: torch.Tensor, rank: int, config: AdapterConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` (U, S, V) of ``w`` in float32: exact, or randomized with ``config.svd_iters`` iterations."""
-    return truncated_svd(w.float(), rank, method=config.svd, niter=config.svd_iters, seed=config.seed)
+    with decomposition_threads(*w.shape):
+        return truncated_svd(w.float(), rank, method=config.svd, niter=config.svd_iters, seed=config.seed)
 
 
 class PiSSALayer(LoRALayer):

@@ -16,14 +16,15 @@ from torch import nn
 
 from rankwise.engine.metrics import energy_rank
 from rankwise.errors import RankwiseError
-from rankwise.tune.base import AdapterLayer
+from rankwise.tune.base import AdapterLayer, decomposition_threads
 from rankwise.tune.config import AdapterConfig
 from rankwise.tune.pissa import top_svd
 
 
 def auto_rank(w: torch.Tensor, energy: float) -> int:
     """Energy rank r_τ of ``w``, clamped to [1, min(m, n) − 1]."""
-    s = torch.linalg.svdvals(w.float())
+    with decomposition_threads(*w.shape):
+        s = torch.linalg.svdvals(w.float())
     return max(1, min(energy_rank(s, energy), min(w.shape) - 1))
 
 

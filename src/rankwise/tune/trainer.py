@@ -74,6 +74,7 @@ class TrainResult:
     seconds: float
     s_per_step: float
     peak_rss_mb: float
+    peak_rss_delta_mb: float
     examples: int
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -157,7 +158,7 @@ class PeakRSS:
         import psutil
 
         self._proc = psutil.Process()
-        self.peak = self._proc.memory_info().rss
+        self.start = self.peak = self._proc.memory_info().rss
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -177,6 +178,11 @@ class PeakRSS:
     @property
     def peak_mb(self) -> float:
         return self.peak / 2**20
+
+    @property
+    def delta_mb(self) -> float:
+        """Peak RSS above the RSS at entry: the memory the training run itself added."""
+        return (self.peak - self.start) / 2**20
 
 
 # -- loop -----------------------------------------------------------------------------------------
@@ -221,7 +227,7 @@ def train(model: nn.Module, data: LMData | ClassifyData, cfg: TrainConfig, progr
     seconds = time.perf_counter() - t0
     model.eval()
     return TrainResult(steps=steps, losses=losses, seconds=seconds, s_per_step=seconds / steps,
-                       peak_rss_mb=mem.peak_mb, examples=steps * cfg.batch_size)
+                       peak_rss_mb=mem.peak_mb, peak_rss_delta_mb=mem.delta_mb, examples=steps * cfg.batch_size)
 
 
 @torch.no_grad()
