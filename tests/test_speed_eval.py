@@ -76,6 +76,7 @@ def test_measure_speed_dense_vs_full_rank_factorised(build) -> None:
         assert r.prefill_tokens_per_s > 0 and r.decode_tokens_per_s > 0
         assert r.peak_memory_mb > 0 and r.memory_kind == "rss"
         assert len(r.prefill_s) == len(r.decode_s) == 2 and r.prompt_tokens == 24 and r.new_tokens == 8
+        assert len(r.prefill_cpu_s) == len(r.decode_cpu_s) == 2 and min(r.prefill_cpu_s + r.decode_cpu_s) > 0
         assert r.prefill_tokens_per_s == pytest.approx(24 / (sum(r.prefill_s) / 2))  # median of two = mean
     assert res["dense"].generated == res["factorised"].generated
     assert len(res["dense"].generated) == 8
@@ -159,8 +160,11 @@ def test_speed_break_even_rank_properties() -> None:
 
 
 def test_time_layers_and_measured_model() -> None:
-    dense, fact = time_layers(192, 576, [16, 100], tokens=8, rounds=2, target_s=0.001)
-    assert dense > 0 and set(fact) == {16, 100} and all(t > 0 for t in fact.values())
+    for clock in ("wall", "cpu"):
+        dense, fact = time_layers(192, 576, [16, 100], tokens=8, rounds=2, target_s=0.001, clock=clock)
+        assert dense > 0 and set(fact) == {16, 100} and all(t > 0 for t in fact.values())
+    with pytest.raises(RankwiseError, match="clock"):
+        time_layers(8, 8, [2], clock="sundial")
     k = speed_break_even_rank(192, 576, tokens=8, measure=True)
     assert 0 <= k < break_even_rank(192, 576)
     assert math.isfinite(cost_model(8, measure=True).mac_rate)

@@ -8,10 +8,12 @@ logits of the last position only (what ``generate`` does; ``logits_to_keep=1``);
 single-token forward passes, exactly like ``model.generate(max_new_tokens=N,
 do_sample=False)``). Several models are measured in ONE process, alternately
 and in alternating order (A B, B A, ...), after warm-up runs, so machine noise
-hits all of them alike; the median over the repeats is reported.
+hits all of them alike; the median over the repeats is reported. Process CPU
+seconds are recorded beside wall seconds: with one thread they measure the work
+done, unaffected by other processes competing for the cores.
 
 Peak memory: on CPU the resident set size (RSS, via psutil) sampled every
-2 ms while a model runs (process-wide, so it includes every model loaded in
+5 ms while a model runs (process-wide, so it includes every model loaded in
 the process) and the increase over the RSS just before the run; on CUDA
 ``torch.cuda.max_memory_allocated``.
 
@@ -54,7 +56,7 @@ class PeakMemory:
     CUDA: ``torch.cuda`` peak allocated bytes on ``device``.
     """
 
-    def __init__(self, device: torch.device | str = "cpu", interval_s: float = 0.002) -> None:
+    def __init__(self, device: torch.device | str = "cpu", interval_s: float = 0.005) -> None:
         self.device = torch.device(device)
         self.interval_s = interval_s
         self.peak_mb = 0.0
@@ -110,6 +112,8 @@ class SpeedResult:
     decode_tokens_per_s: float | None
     prefill_s: list[float]
     decode_s: list[float]
+    prefill_cpu_s: list[float]
+    decode_cpu_s: list[float]
     prompt_tokens: int
     new_tokens: int
     repeats: int
@@ -162,6 +166,36 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
+def _timed_decode(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy decode; returns (tokens, [prefill wall, decode wall, prefill cpu, decode cpu] seconds)."""
+    device = next(model.parameters()).device
+    ids = input_ids.to(device)
+    kw: dict = {}
+    if _supports(model, "logits_to_keep"):
+        kw["logits_to_keep"] = 1
+    generative = _is_generative(model)
+    _sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    if not generative:
+        model(input_ids=ids)
+        _sync(device)
+        return [], [time.perf_counter() - t0, 0.0, time.process_time() - c0, 0.0]
+    out = model(input_ids=ids, use_cache=True, **kw)
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    _sync(device)
+    t1, c1 = time.perf_counter(), time.process_time()
+    tokens = [int(nxt)]
+    past = out.past_key_values
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(int(nxt))
+    _sync(device)
+    t2, c2 = time.perf_counter(), time.process_time()
+    return tokens, [t1 - t0, t2 - t1, c1 - c0, c2 - c1]
+
+
 def greedy_decode(
     model: nn.Module, input_ids: torch.Tensor, new_tokens: int = 64
 ) -> tuple[list[int], float, float]:
@@ -172,32 +206,8 @@ def greedy_decode(
     tokens equal ``model.generate(input_ids, max_new_tokens=new_tokens, do_sample=False)``.
     Models without a KV cache / LM head (encoders) run the prefill only.
     """
-    device = next(model.parameters()).device
-    ids = input_ids.to(device)
-    kw: dict = {}
-    if _supports(model, "logits_to_keep"):
-        kw["logits_to_keep"] = 1
-    generative = _is_generative(model)
-    _sync(device)
-    t0 = time.perf_counter()
-    if not generative:
-        model(input_ids=ids)
-        _sync(device)
-        return [], time.perf_counter() - t0, 0.0
-    out = model(input_ids=ids, use_cache=True, **kw)
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    _sync(device)
-    t1 = time.perf_counter()
-    tokens = [int(nxt)]
-    past = out.past_key_values
-    for _ in range(new_tokens - 1):
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        tokens.append(int(nxt))
-    _sync(device)
-    t2 = time.perf_counter()
-    return tokens, t1 - t0, t2 - t1
+    tokens, t = _timed_decode(model, input_ids, new_tokens)
+    return tokens, t[0], t[1]
 
 
 def measure_speed(
@@ -227,6 +237,8 @@ def measure_speed(
         m.eval()
     pre: dict[str, list[float]] = {n: [] for n in names}
     dec: dict[str, list[float]] = {n: [] for n in names}
+    pre_cpu: dict[str, list[float]] = {n: [] for n in names}
+    dec_cpu: dict[str, list[float]] = {n: [] for n in names}
     mem: dict[str, tuple[float, float, str]] = {}
     toks: dict[str, list[int]] = {}
     rounds = range(warmup + repeats)
@@ -241,7 +253,7 @@ def measure_speed(
             model = models[n]
             device = next(model.parameters()).device
             with PeakMemory(device) as pm:
-                tokens, tp, td = greedy_decode(model, input_ids, new_tokens)
+                tokens, (tp, td, cp, cd) = _timed_decode(model, input_ids, new_tokens)
             prev = mem.get(n)
             if prev is None or pm.peak_mb > prev[0]:
                 mem[n] = (pm.peak_mb, max(pm.extra_mb, prev[1] if prev else 0.0), pm.kind)
@@ -251,6 +263,8 @@ def measure_speed(
             if r >= warmup:
                 pre[n].append(tp)
                 dec[n].append(td)
+                pre_cpu[n].append(cp)
+                dec_cpu[n].append(cd)
             if bar is not None:
                 bar.update(1)
     if bar is not None:
@@ -267,6 +281,8 @@ def measure_speed(
             decode_tokens_per_s=((new_tokens - 1) / td if td > 0 else None) if generative else None,
             prefill_s=pre[n],
             decode_s=dec[n] if generative else [],
+            prefill_cpu_s=pre_cpu[n],
+            decode_cpu_s=dec_cpu[n] if generative else [],
             prompt_tokens=prompt,
             new_tokens=new_tokens if generative else 0,
             repeats=repeats,
@@ -285,11 +301,11 @@ def measure_speed(
 # layer level
 
 
-def _mean_time(fn: Callable[[], object], reps: int) -> float:
-    t = time.perf_counter()
+def _mean_time(fn: Callable[[], object], reps: int, clock: Callable[[], float] = time.perf_counter) -> float:
+    t = clock()
     for _ in range(reps):
         fn()
-    return (time.perf_counter() - t) / reps
+    return (clock() - t) / reps
 
 
 @torch.inference_mode()
@@ -302,14 +318,19 @@ def time_layers(
     target_s: float = 0.01,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    clock: str = "wall",
 ) -> tuple[float, dict[int, float]]:
     """Seconds per call of a dense m×n layer and of rank-k factorised layers on (1, tokens, n) inputs.
 
     The dense and factorised calls are timed alternately (``rounds`` rounds),
     each round long enough (~``target_s``) to beat timer noise; the fastest
-    round counts (on a shared machine noise only ever adds time).
+    round counts (on a shared machine noise only ever adds time). ``clock="cpu"``
+    uses process CPU time instead of wall time (for 1-thread runs on a busy machine).
     Returns (dense seconds, {rank: factorised seconds}).
     """
+    if clock not in ("wall", "cpu"):
+        raise RankwiseError(f"clock must be 'wall' or 'cpu', got {clock!r}.")
+    tick = time.perf_counter if clock == "wall" else time.process_time
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, tokens, n, generator=g, dtype=dtype)
     w = torch.randn(m, n, generator=g, dtype=dtype)
@@ -326,7 +347,7 @@ def time_layers(
     times: dict[object, list[float]] = {key: [] for key in fns}
     for _ in range(rounds):
         for key, fn in fns.items():
-            times[key].append(_mean_time(fn, reps[key]))
+            times[key].append(_mean_time(fn, reps[key], tick))
     dense = min(times.pop("dense"))
     return dense, {int(k): min(v) for k, v in times.items()}
 

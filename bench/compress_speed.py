@@ -1,0 +1,253 @@
+"""Speed of factorised vs dense SmolLM2-135M on this CPU: layers, whole model, break-even report.
+
+    .venv/bin/python bench/compress_speed.py            # full run (~10 min on 2 idle cores)
+    .venv/bin/python bench/compress_speed.py --quick    # smoke run
+
+1. Layer timings: dense m×n vs two-matmul rank-k at SmolLM2's shapes, ranks 0.1–1.0 × the parameter
+   break-even, token counts 1 (decode), 64, 512 (prefill); the cost model of rankwise.evaluation.speed is
+   re-fitted and the measured crossing rank is reported beside the modelled one.
+2. Model speed: dense and compressed (ρ = 0.2, 0.4; plain SVD, data-free; uniform ranks, others on request)
+   measured in ONE process, alternately, prefill of a 512-token PTB-test prompt and greedy decode of 64
+   tokens with the KV cache, median of the repeats (min also kept).
+3. Per-layer break-even report: every factorised layer's rank beside its parameter break-even rank and its
+   speed break-even ranks (prefill, decode); a layer at/above the parameter break-even is a bug.
+
+Writes bench/results/compress_speed.json and prints tables. The machine load (os.getloadavg) is recorded
+before and after each stage: on a shared machine timings are only as good as the quiet they got.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from rankwise import find_targets, load_model, load_text, load_tokenizer
+from rankwise.engine.metrics import break_even_rank
+from rankwise.evaluation.report import size_report
+from rankwise.evaluation.speed import (
+    SMOLLM2_SHAPES,
+    fit_cost_model,
+    measure_speed,
+    prompt_ids,
+    speed_break_even_rank,
+    time_layers,
+)
+from rankwise.io.atomic import atomic_file
+from rankwise.surgery import LowRankLinear, set_module
+
+console = Console(stderr=True)
+RESULTS = Path(__file__).parent / "results" / "compress_speed.json"
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def layer_bench(token_counts: list[int], fracs: list[float], rounds: int, clock: str) -> dict:
+    """Dense vs factorised time per shape, rank and token count; fitted cost model per token count."""
+    out: dict = {"fractions_of_break_even": fracs, "clock": clock, "by_tokens": {}}
+    for t in token_counts:
+        samples, rows = [], []
+        for m, n in SMOLLM2_SHAPES:
+            be = break_even_rank(m, n)
+            ranks = sorted({max(1, int(f * be)) for f in fracs})
+            dense, fact = time_layers(m, n, ranks, tokens=t, rounds=rounds, target_s=0.004, clock=clock)
+            samples.append((m, n, None, dense))
+            samples += [(m, n, k, s) for k, s in fact.items()]
+            ok = [k for k, s in fact.items() if s <= dense]
+            rows.append({"shape": [m, n], "break_even": be, "dense_us": dense * 1e6,
+                         "factorised_us": {str(k): s * 1e6 for k, s in fact.items()},
+                         "speedup": {str(k): dense / s for k, s in fact.items()},
+                         "measured_crossing": max(ok) if ok else 0})
+        cm = fit_cost_model(samples, t)
+        for r in rows:
+            r["modelled_crossing"] = min(math.floor(cm.break_even(*r["shape"])), r["break_even"] - 1)
+        out["by_tokens"][str(t)] = {"cost_model": cm.to_dict(), "shapes": rows, "load": load()}
+        console.print(f"layers @ {t} tokens: fitted {cm}")
+    return out
+
+
+_SVD_CACHE: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def compress_copy(dense: torch.nn.Module, ratio: float, alloc: str) -> tuple[torch.nn.Module, dict]:
+    """Plain-SVD (data-free) compression at ``ratio``.
+
+    ``uniform``: every matrix keeps ⌊(1−ρ)·mn/(m+n)⌋ singular values (one exact SVD per matrix, shared by
+    all ratios). Other allocations go through ``rankwise.compress(method="svd", alloc=...)``.
+    """
+    model = copy.deepcopy(dense)
+    t0 = time.time()
+    if alloc == "uniform":
+        for t in find_targets(model):
+            m, n = t.shape
+            if t.name not in _SVD_CACHE:
+                _SVD_CACHE[t.name] = torch.linalg.svd(t.weight().float(), full_matrices=False)
+            u, sv, vh = _SVD_CACHE[t.name]
+            k = math.floor((1 - ratio) * m * n / (m + n))
+            root = sv[:k].sqrt()
+            set_module(model, t.name, LowRankLinear.from_factors(u[:, :k] * root, root[:, None] * vh[:k], t.bias))
+        fact = [mod for mod in model.modules() if isinstance(mod, LowRankLinear)]
+        kept = sum(mod.num_params for mod in fact) / sum(mod.in_features * mod.out_features for mod in fact)
+        info = {"via": "exact SVD, uniform rank floor((1-ratio)mn/(m+n))", "achieved_ratio": 1 - kept}
+    else:
+        from rankwise.compression.api import CompressConfig, compress
+
+        res = compress(model, CompressConfig(ratio=ratio, method="svd", alloc=alloc, sequential=False,
+                                             progress=False))
+        info = {"via": f"rankwise.compress(method='svd', alloc={alloc!r})", "achieved_ratio": res.achieved_ratio,
+                "dense_kept": res.dense}
+    info["seconds"] = round(time.time() - t0, 1)
+    return model.eval(), info
+
+
+def layer_report(model: torch.nn.Module) -> list[dict]:
+    rows = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, LowRankLinear):
+            m, n = mod.out_features, mod.in_features
+            be = break_even_rank(m, n)
+            rows.append({"name": name, "shape": [m, n], "rank": mod.rank, "break_even": be,
+                         "speed_break_even_prefill": speed_break_even_rank(m, n, tokens=512),
+                         "speed_break_even_decode": speed_break_even_rank(m, n, tokens=1),
+                         "above_break_even": mod.rank >= be})
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ratios", default="0.2,0.4")
+    ap.add_argument("--allocs", default="uniform", help="uniform and/or global, welore (via rankwise.compress)")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--layer-rounds", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--skip-layers", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.repeats, args.prompt_tokens, args.new_tokens, args.layer_rounds = 2, 64, 8, 3
+    ratios = [float(r) for r in args.ratios.split(",")]
+    allocs = args.allocs.split(",")
+    result: dict = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "platform": platform.platform(), "load_start": load()},
+    }
+    t_all = time.time()
+    if not args.skip_layers:
+        with console.status("layer timings …"):
+            clock = "cpu" if torch.get_num_threads() == 1 else "wall"
+            result["layers"] = layer_bench([1, 64, 512], [0.1, 0.25, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+                                           args.layer_rounds, clock)
+
+    dense = load_model("smollm2-135m")
+    tok = load_tokenizer("smollm2-135m")
+    models = {"dense": dense}
+    info: dict = {}
+    for alloc in allocs:
+        for r in ratios:
+            key = f"{alloc}@{r}"
+            with console.status(f"compressing {key} …"):
+                models[key], info[key] = compress_copy(dense, r, alloc)
+            console.print(f"compressed {key}: {info[key]}")
+    ids = prompt_ids(tok, load_text("ptb", "test"), args.prompt_tokens, name="ptb test")
+    result["load_before_speed"] = load()
+    speed = measure_speed(models, ids, new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
+                          progress=True)
+    result["load_after_speed"] = load()
+    d = speed["dense"]
+    rows = {}
+    for key, s in speed.items():
+        rep = layer_report(models[key])
+        sz = size_report(models[key])
+        rows[key] = {
+            "compression": info.get(key),
+            "params": sz.params,
+            "factorised_layers": sz.factorised_layers,
+            "prefill_tokens_per_s": s.prefill_tokens_per_s,
+            "prefill_tokens_per_s_best": s.prompt_tokens / min(s.prefill_s),
+            "decode_tokens_per_s": s.decode_tokens_per_s,
+            "decode_tokens_per_s_best": (args.new_tokens - 1) / min(s.decode_s),
+            "prefill_speedup": s.prefill_tokens_per_s / d.prefill_tokens_per_s,
+            "prefill_speedup_best": min(d.prefill_s) / min(s.prefill_s),
+            "decode_speedup": s.decode_tokens_per_s / d.decode_tokens_per_s,
+            "prefill_speedup_cpu": statistics.median(d.prefill_cpu_s) / statistics.median(s.prefill_cpu_s),
+            "decode_speedup_cpu": statistics.median(d.decode_cpu_s) / statistics.median(s.decode_cpu_s),
+            "prefill_tokens_per_cpu_s": s.prompt_tokens / statistics.median(s.prefill_cpu_s),
+            "decode_tokens_per_cpu_s": (args.new_tokens - 1) / statistics.median(s.decode_cpu_s),
+            "paired_prefill_speedup_median": statistics.median(a / b for a, b in zip(d.prefill_s, s.prefill_s)),
+            "peak_rss_mb": s.peak_memory_mb,
+            "same_greedy_tokens_as_dense": s.generated == d.generated,
+            "speed": s.to_dict(),
+            "layers": rep,
+            "layers_above_break_even": sum(r["above_break_even"] for r in rep),
+            "layers_above_speed_break_even_prefill": sum(r["rank"] > r["speed_break_even_prefill"] for r in rep),
+            "layers_above_speed_break_even_decode": sum(r["rank"] > r["speed_break_even_decode"] for r in rep),
+        }
+    result["models"] = rows
+    result["settings"] = {"prompt_tokens": int(ids.shape[1]), "prompt_text": "ptb test", "new_tokens": args.new_tokens,
+                          "repeats": args.repeats, "warmup": args.warmup, "statistic": "median (best also given)",
+                          "prefill": "one forward, KV cache built, logits of the last position only"}
+    goal = rows.get("uniform@0.4", {}).get("prefill_speedup")
+    goal_cpu = rows.get("uniform@0.4", {}).get("prefill_speedup_cpu")
+    result["goal_prefill_ge_1.25x_at_0.4"] = {"uniform_median_wall": goal, "uniform_median_cpu": goal_cpu,
+                                              "met_wall": bool(goal and goal >= 1.25),
+                                              "met_cpu": bool(goal_cpu and goal_cpu >= 1.25)}
+    result["seconds"] = round(time.time() - t_all, 1)
+    result["machine"]["load_end"] = load()
+
+    with atomic_file(args.out) as fh:
+        fh.write(json.dumps(result, indent=2) + "\n")
+    print_tables(result)
+    console.print(f"wrote {args.out}")
+    return 0
+
+
+def print_tables(result: dict) -> None:
+    if "layers" in result:
+        t = Table(title="layer: dense time / factorised time (>1 = factorised faster), rank as fraction of break-even")
+        t.add_column("tokens")
+        t.add_column("shape")
+        fr = result["layers"]["fractions_of_break_even"]
+        for f in fr:
+            t.add_column(f"{f:.2f}", justify="right")
+        t.add_column("crossing meas/model", justify="right")
+        for tk, blk in result["layers"]["by_tokens"].items():
+            for r in blk["shapes"]:
+                t.add_row(tk, "×".join(map(str, r["shape"])), *[f"{v:.2f}" for v in r["speedup"].values()],
+                          f"{r['measured_crossing']}/{r['modelled_crossing']} of {r['break_even']}")
+        Console().print(t)
+    t = Table(title="SmolLM2-135M speed, one process, alternating runs (median)")
+    for c in ("model", "params", "prefill tok/s", "×dense", "×dense cpu", "decode tok/s", "×dense", "×dense cpu",
+              "above be", "above speed-be prefill/decode", "same tokens"):
+        t.add_column(c, justify="right")
+    for key, r in result["models"].items():
+        t.add_row(key, f"{r['params'] / 1e6:.1f}M", f"{r['prefill_tokens_per_s']:.1f}", f"{r['prefill_speedup']:.2f}",
+                  f"{r['prefill_speedup_cpu']:.2f}", f"{r['decode_tokens_per_s']:.2f}", f"{r['decode_speedup']:.2f}",
+                  f"{r['decode_speedup_cpu']:.2f}",
+                  str(r["layers_above_break_even"]),
+                  f"{r['layers_above_speed_break_even_prefill']}/{r['layers_above_speed_break_even_decode']}",
+                  str(r["same_greedy_tokens_as_dense"]))
+    Console().print(t)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
