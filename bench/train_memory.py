@@ -100,9 +100,11 @@ def build_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace)
     groups = galore_param_groups(model, rank=args.rank, update_proj_gap=args.update_gap, scale=args.scale)
     if name == "galore-torch":
         return galore_torch_adamw()(groups, lr=args.lr, eps=1e-6, weight_decay=0.0, no_deprecation_warning=True)
-    projection = {"rw-svd": "svd", "rw-randomized": "randomized", "rw-dct": "dct", "rw-fira": "svd"}[name]
+    projection = {"rw-svd": "svd", "rw-randomized": "randomized", "rw-dct": "dct", "rw-fira": "svd",
+                  "rw-svd-galore-eps": "svd"}[name]
     return GaLoreAdamW(groups, lr=args.lr, eps=1e-6, weight_decay=0.0, projection=projection,
-                       fira=name == "rw-fira", seed=args.seed)
+                       fira=name == "rw-fira", seed=args.seed,
+                       eps_style="galore" if name.endswith("galore-eps") else "torch")
 
 
 class PeerRefreshTimer:
@@ -221,6 +223,37 @@ def print_tables(rows: list[dict[str, Any]]) -> str:
     return text
 
 
+def check_goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's goals, evaluated on the measured rows (None where a row is missing)."""
+    by = {r["name"]: r for r in rows}
+    adamw, peer = by.get("adamw"), by.get("galore-torch")
+    rw = [n for n in ("rw-svd", "rw-randomized", "rw-dct", "rw-fira") if n in by]
+    goals: dict[str, Any] = {}
+    if adamw:
+        whole = {n: by[n]["state_bytes"] / adamw["state_bytes"] for n in rw}
+        proj = {n: by[n]["state_bytes_projected"] / by[n]["adamw_projected_bytes"] for n in rw}
+        goals["state_whole_le_50pct_of_adamw"] = {"ratios": whole, "met": all(v <= 0.5 for v in whole.values())}
+        goals["state_projected_le_32pct_of_adamw"] = {"ratios": proj, "met": all(v <= 0.32 for v in proj.values())}
+    if peer:
+        rel = {n: by[n]["final_loss"] / peer["final_loss"] - 1 for n in rw}
+        goals["final_loss_within_5pct_of_galore_torch"] = {"relative": rel,
+                                                           "met": all(abs(v) <= 0.05 for v in rel.values())}
+        speed = {n: peer["refresh_seconds_per_refresh"] / by[n]["refresh_seconds_per_refresh"]
+                 for n in ("rw-randomized", "rw-dct") if n in by and by[n]["refresh_seconds_per_refresh"]}
+        goals["refresh_ge_3x_faster_than_galore_torch_svd"] = {"speedups": speed,
+                                                               "met": any(v >= 3 for v in speed.values())}
+    if peer and "rw-svd-galore-eps" in by:
+        goals["parity_rw_svd_galore_eps_vs_galore_torch"] = {
+            "final_loss_relative": by["rw-svd-galore-eps"]["final_loss"] / peer["final_loss"] - 1,
+            "perplexity_relative": by["rw-svd-galore-eps"]["perplexity"] / peer["perplexity"] - 1,
+        }
+    if "rw-fira" in by and "rw-svd" in by:
+        ref = [by["rw-svd"]["final_loss"]] + ([peer["final_loss"]] if peer else [])
+        goals["fira_loss_le_galore"] = {"fira": by["rw-fira"]["final_loss"], "galore": ref,
+                                        "met": by["rw-fira"]["final_loss"] <= min(ref)}
+    return goals
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -244,7 +277,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch CPU threads (1: OpenMP spinning makes 2 threads far slower on a busy shared box)")
     ap.add_argument("--only", default=None, help="comma-separated subset of runs")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_memory.json"))
+    ap.add_argument("--append", action="store_true",
+                    help="add the rows of this invocation to an existing --out JSON (marked 'separate_process')")
+    ap.add_argument("--render", default=None, help="only print the tables and goals of an existing JSON")
     args = ap.parse_args(argv)
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        print_tables(saved["rows"])
+        print(json.dumps(check_goals(saved["rows"]), indent=2))
+        return 0
 
     from transformers import AutoConfig
 
@@ -271,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r["adamw_projected_bytes"] = adamw_proj
     del model
+    previous: dict[str, Any] | None = None
+    if args.append and Path(args.out).is_file():
+        previous = json.loads(Path(args.out).read_text())
+        for r in rows:
+            r["separate_process"] = True
+        rows = [r for r in previous["rows"] if r["name"] not in {x["name"] for x in rows}] + rows
     table = print_tables(rows)
     report = {
         "benchmark": "train_memory",
@@ -284,7 +331,11 @@ def main(argv: list[str] | None = None) -> int:
         "total_seconds": time.perf_counter() - t_start,
         "rows": rows,
         "table_markdown": table,
+        "goals": check_goals(rows),
     }
+    if previous is not None:
+        report["command"] = previous["command"] + " ; then: " + report["command"]
+        report["total_seconds"] += previous.get("total_seconds", 0.0)
     with atomic_file(args.out) as fh:
         fh.write(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out} in {report['total_seconds'] / 60:.1f} min", file=sys.stderr)

@@ -154,6 +154,24 @@ def test_matches_galore_torch_step_for_step() -> None:
     assert mem_a.total == mem_a.logical  # rankwise keeps compact copies of the bases
     assert mem_b.total > mem_b.logical  # galore-torch's Vh[:r] / U[:, :r] views keep the full factors alive
 
+    # with eps_style="galore" the arithmetic is galore-torch's: equal for a real ε and weight decay, too
+    kw_g = {"lr": 1e-2, "weight_decay": 0.1, "eps": 1e-3}
+    mine = [nn.Parameter(t.clone()) for t in init]
+    peer = [nn.Parameter(t.clone()) for t in init]
+    o_a = GaLoreAdamW(groups(mine), eps_style="galore", **kw_g)
+    o_b = PeerAdamW(groups(peer), no_deprecation_warning=True, **kw_g)
+    torch_style = [nn.Parameter(t.clone()) for t in init]
+    o_c = GaLoreAdamW(groups(torch_style), **kw_g)
+    for _ in range(8):
+        grads = [torch.randn_like(t) * 1e-3 for t in init]  # small gradients: ε matters
+        for ps, opt in ((mine, o_a), (peer, o_b), (torch_style, o_c)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b, c in zip(mine, peer, torch_style):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        assert float((a - c).abs().max()) > 1e-3  # the default (torch) ε placement is visibly different here
+
     # on a real model the first steps (one projection, no refresh) agree as well
     la, lb = tiny_llama(0), tiny_llama(0)
     o_la = GaLoreAdamW(galore_param_groups(la, rank=8, update_proj_gap=100, scale=0.25), **kw)

@@ -137,6 +137,7 @@ def test_projection_side_rules_follow_galore_torch() -> None:
         ({"rank": 0}, "rank must be a positive integer"),
         ({"rank": -3}, "rank must be a positive integer"),
         ({"rank": 21}, "larger than the 20x30 matrix"),
+        ({"rank": 2.5}, "rank must be a positive integer"),
         ({"rank": 4, "projection": "qr"}, "unknown projection 'qr'"),
         ({"rank": 4, "proj_type": "diagonal"}, "unknown proj_type"),
     ],

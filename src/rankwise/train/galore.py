@@ -19,7 +19,10 @@ For a matrix parameter in a group with ``rank`` (methods.md §5)::
 Everything else (vectors, embeddings, groups without ``rank``) gets exactly
 ``torch.optim.AdamW``'s update (same formula: decoupled weight decay applied
 first, ε added after the bias-corrected square root). Defaults (lr 1e-3,
-eps 1e-6, weight_decay 0) follow galore-torch.
+eps 1e-6, weight_decay 0) follow galore-torch. ``eps_style="galore"`` reproduces
+galore-torch's arithmetic instead (m/(√v + ε) with a bias-corrected step size,
+weight decay after the update): its effective ε is ε/√(1−β₂ᵗ), ~32× larger at
+step 1, which matters when gradients are clipped small.
 
 Under DDP the gradients are all-reduced before ``step()``, and every projection
 is a deterministic function of the gradient and the step (the randomized sketch
@@ -72,6 +75,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         oversample: int = 8,
         niter: int = 1,
         seed: int = 0,
+        eps_style: str = "torch",
     ) -> None:
         if lr < 0.0:
             raise RankwiseError(f"learning rate must be >= 0, got {lr}.")
@@ -82,6 +86,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if fira_limit < 1.0:
             raise RankwiseError(f"fira_limit must be >= 1 (the allowed growth per step), got {fira_limit}.")
         check_projection(projection)
+        if eps_style not in ("torch", "galore"):
+            raise RankwiseError(f"eps_style must be 'torch' or 'galore', got {eps_style!r}.")
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -94,6 +100,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             "oversample": oversample,
             "niter": niter,
             "seed": seed,
+            "eps_style": eps_style,
         }
         self.refresh_seconds: list[float] = []
         super().__init__(params, defaults)
@@ -190,7 +197,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     )
                 state["step"] += 1
                 t = state["step"]
-                if wd != 0.0:
+                galore_eps = group.get("eps_style", "torch") == "galore"
+                if wd != 0.0 and not galore_eps:
                     p.mul_(1.0 - lr * wd)
                 exp_avg.lerp_(r, 1.0 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(r, r, value=1.0 - beta2)
@@ -199,17 +207,26 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     bc2_sqrt = math.sqrt(1.0 - beta2**t)
                 else:
                     bc1, bc2_sqrt = 1.0, 1.0
-                denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+                if galore_eps:  # galore-torch / old transformers AdamW: m/(√v + ε) times √(1−β₂ᵗ)/(1−β₁ᵗ)
+                    denom = exp_avg_sq.sqrt().add_(eps)
+                    step_factor = bc2_sqrt / bc1
+                else:  # torch.optim.AdamW: m̂/(√v̂ + ε)
+                    denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+                    step_factor = 1.0 / bc1
                 if not projected:
-                    p.addcdiv_(exp_avg, denom, value=-lr / bc1)
+                    p.addcdiv_(exp_avg, denom, value=-lr * step_factor)
+                    if wd != 0.0 and galore_eps:
+                        p.add_(p, alpha=-lr * wd)
                     continue
                 n = exp_avg / denom
-                if bc1 != 1.0:
-                    n.div_(bc1)
+                if step_factor != 1.0:
+                    n.mul_(step_factor)
                 update = proj.project_back(n, q)
                 if group["fira"]:
                     update.add_(self._fira_residual(g, r, n, q, proj, state, group["fira_limit"]))
                 p.add_(update, alpha=-lr * group["scale"])
+                if wd != 0.0 and galore_eps:
+                    p.add_(p, alpha=-lr * wd)
         return loss
 
     @staticmethod

@@ -71,38 +71,40 @@ def check_projection(projection: str) -> str:
     return projection
 
 
+def _as_int(value: object) -> int | None:
+    """``value`` as an int when it is a whole number (int, integral float, digit string), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        f = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return int(f) if math.isfinite(f) and f == int(f) else None
+
+
 def check_rank(rank: object, shape: tuple[int, int] | None = None, name: str = "") -> int:
     """Validate a projection rank: a positive int, at most min(m, n) of the matrix when given."""
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        try:
-            if float(rank) != int(rank):  # type: ignore[arg-type]
-                raise ValueError
-            rank = int(rank)  # type: ignore[arg-type]
-        except (TypeError, ValueError) as exc:
-            raise RankwiseError(f"rank must be a positive integer, got {rank!r}.") from exc
-    if rank <= 0:
-        raise RankwiseError(f"rank must be a positive integer, got {rank}; e.g. --rank 128.")
+    value = _as_int(rank)
+    if value is None or value <= 0:
+        raise RankwiseError(f"rank must be a positive integer, got {rank!r}; e.g. --rank 128.")
     if shape is not None:
         m, n = shape
-        if rank > min(m, n):
+        if value > min(m, n):
             what = f" of {name}" if name else ""
             raise RankwiseError(
-                f"rank {rank} is larger than the {m}x{n} matrix{what} (at most {min(m, n)}); "
+                f"rank {value} is larger than the {m}x{n} matrix{what} (at most {min(m, n)}); "
                 f"lower --rank or leave that matrix out of the low-rank group."
             )
-    return rank
+    return value
 
 
 def check_gap(gap: object) -> int:
-    """Validate ``update_proj_gap`` (a positive number of steps)."""
-    try:
-        value = int(gap)  # type: ignore[arg-type]
-        if value != gap and float(gap) != value:  # type: ignore[arg-type]
-            raise ValueError
-    except (TypeError, ValueError) as exc:
-        raise RankwiseError(f"update_proj_gap must be a positive integer number of steps, got {gap!r}.") from exc
-    if value <= 0:
-        raise RankwiseError(f"update_proj_gap must be a positive number of steps, got {value}; e.g. --update-gap 200.")
+    """Validate ``update_proj_gap`` (a positive whole number of steps)."""
+    value = _as_int(gap)
+    if value is None or value <= 0:
+        raise RankwiseError(
+            f"update_proj_gap must be a positive whole number of steps, got {gap!r}; e.g. --update-gap 200."
+        )
     return value
 
 
