@@ -168,3 +168,26 @@ def test_time_layers_and_measured_model() -> None:
     k = speed_break_even_rank(192, 576, tokens=8, measure=True)
     assert 0 <= k < break_even_rank(192, 576)
     assert math.isfinite(cost_model(8, measure=True).mac_rate)
+
+
+def test_densify_slow_layers_keeps_function() -> None:
+    from rankwise.evaluation.speed import densify_slow_layers, slow_layers
+
+    model = tiny_llama()
+    for t in find_targets(model):  # q/o (64×64, break-even 32) at rank 30, the rest at rank 4
+        set_module(model, t.name, LowRankLinear.from_linear(t.module, 30 if t.shape == (64, 64) else 4))
+    ids = _ids(100)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    cost = LayerCostModel(tokens=512, overhead_s=0.0, mac_rate=1e11, efficiency=0.8)  # crossing at 0.8·32 = 25.6
+    slow = slow_layers(model, cost=cost)
+    assert sorted(slow) == sorted(t for t, m in model.named_modules()
+                                  if isinstance(m, LowRankLinear) and m.rank == 30)
+    assert all(v == {"rank": 30, "speed_break_even": 25, "break_even": 32} for v in slow.values())
+    changed = densify_slow_layers(model, cost=cost)
+    assert sorted(changed) == sorted(slow) and len(changed) == 4  # q and o of 2 layers
+    assert slow_layers(model, cost=cost) == {}
+    assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == 10
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)

@@ -466,3 +466,38 @@ def speed_break_even_rank(
         cm = model if model is not None else cost_model(int(t), measure=measure)
         best = min(best, math.floor(cm.break_even(m, n)))
     return max(0, best)
+
+
+def slow_layers(
+    model: nn.Module, tokens: int | Sequence[int] = 512, cost: LayerCostModel | None = None
+) -> dict[str, dict[str, int]]:
+    """LowRankLinear layers whose rank exceeds :func:`speed_break_even_rank`: slower than their dense form.
+
+    Returns {module name: {"rank", "speed_break_even", "break_even"}}.
+    """
+    from rankwise.surgery.lowrank import LowRankLinear
+
+    out: dict[str, dict[str, int]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LowRankLinear):
+            m, n = mod.out_features, mod.in_features
+            k_fast = speed_break_even_rank(m, n, tokens=tokens, model=cost)
+            if mod.rank > k_fast:
+                out[name] = {"rank": mod.rank, "speed_break_even": k_fast, "break_even": break_even_rank(m, n)}
+    return out
+
+
+def densify_slow_layers(
+    model: nn.Module, tokens: int | Sequence[int] = 512, cost: LayerCostModel | None = None
+) -> list[str]:
+    """Turn every factorised layer that would be slower than dense back into its dense layer B·A, in place.
+
+    The model's function is unchanged (the dense weight is exactly B·A); it gets a
+    little bigger and no slower. Returns the names of the layers changed.
+    """
+    from rankwise.surgery.modules import get_module, set_module
+
+    names = list(slow_layers(model, tokens=tokens, cost=cost))
+    for name in names:
+        set_module(model, name, get_module(model, name).to_dense())
+    return names
