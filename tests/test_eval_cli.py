@@ -174,6 +174,8 @@ def test_cli_eval_checkpoint_compare_speed(folders, capsys, tmp_path) -> None:
     assert comp["compression"]["method"] == "svd"
     assert comp["size"]["factorised_layers"] == 14 and dense["size"]["factorised_layers"] == 0
     assert comp["size"]["params"] < dense["size"]["params"]
+    assert dense["slow_layers"] == {"prefill": [], "decode": []}
+    assert set(comp["slow_layers"]) == {"prefill", "decode"}
     for m in (comp, dense):
         s = m["speed"]
         assert s["prefill_tokens_per_s"] > 0 and s["decode_tokens_per_s"] > 0 and s["peak_memory_mb"] > 0

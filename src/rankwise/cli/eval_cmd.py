@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from rankwise import __version__
     from rankwise.evaluation.perplexity import perplexity
     from rankwise.evaluation.report import size_report
+    from rankwise.evaluation.speed import slow_layers
     from rankwise.io.texts import load_text
 
     if args.warmup < 0:
@@ -115,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
             "kind": kind,
             "compression": {k: v for k, v in meta.items() if k not in ("layers", "ranks")} or None,
             "size": size_report(model, path).to_dict(),
+            "slow_layers": {"prefill": sorted(slow_layers(model, tokens=512)),
+                            "decode": sorted(slow_layers(model, tokens=1))},
             "perplexity": {},
             "speed": None,
         }
@@ -202,6 +205,8 @@ def _print_table(out: dict[str, Any]) -> None:
     row("parameters", [_fmt_int(m["size"]["params"]) for m in models], cmp.get("params_ratio"))
     row("factorised layers", [str(m["size"]["factorised_layers"]) for m in models])
     row("bytes on disk", [_fmt_mb(m["size"]["disk_bytes"]) for m in models], cmp.get("disk_bytes_ratio"))
+    row("layers slower than dense (prefill/decode)",
+        [f"{len(m['slow_layers']['prefill'])}/{len(m['slow_layers']['decode'])}" for m in models])
     if s["speed"]:
         sp = s["speed"]
         row(f"prefill tok/s ({sp['prompt_tokens']} tokens)",
