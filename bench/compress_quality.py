@@ -41,6 +41,7 @@ BEST = {
     "alloc_norm": CompressConfig.alloc_norm,
     "min_rank_frac": CompressConfig.min_rank_frac,
     "skip_first": CompressConfig.skip_first,
+    "alloc_sensitivity": CompressConfig.alloc_sensitivity,
 }
 
 
@@ -49,10 +50,7 @@ def quick_grid() -> list[dict]:
     grid += [{**BEST, "ratio": r, "tag": "best"} for r in RATIOS]
     ab = 0.2  # ablations at ρ = 0.2: one lever at a time, from the best pipeline
     grid += [
-        {**BEST, "ratio": ab, "sequential": False, "tag": "best − sequential"},
-        {**BEST, "ratio": ab, "alloc": "uniform", "tag": "best − global alloc"},
-        {**BEST, "ratio": ab, "shrink": 0.0, "tag": "best − shrinkage"},
-        {**BEST, "ratio": ab, "calib": "ptb+bbc", "tag": "best, calib ptb+bbc train (mixture)"},
+        {**BEST, "ratio": ab, "sequential": True, "tag": "best + sequential"},
     ]
     return grid
 

@@ -65,15 +65,15 @@ class CompressConfig:
     ratio: float = 0.2
     method: str = "whiten"
     alloc: str = "global"
-    sequential: bool = True
+    sequential: bool = False
     calib: str = "ptb"
     calib_samples: int = 32
     seq_len: int = 256
     seed: int = 0
     shrink: float = 0.0
     shrink_target: str = "diag"
-    alloc_norm: str = "total"
-    alloc_sensitivity: str = "none"
+    alloc_norm: str = "none"
+    alloc_sensitivity: str = "fisher"
     sens_samples: int = 8
     min_rank_frac: float = 0.0
     skip_first: int = 0
@@ -345,8 +345,17 @@ def compress(
 
     info: CalibInfo | None = None
     loop: Callable[[nn.Module], Any] = lambda m: None  # noqa: E731
-    if method.needs_data:
+    wants_fisher = config.alloc_sensitivity == "fisher" and config.alloc in NEEDS_SPECTRA
+    if method.needs_data or (wants_fisher and calib is not None):
         loop, info = resolve_calib(model, config, calib, tokenizer, with_loss=method.needs_grad)
+    if wants_fisher and getattr(loop, "windows", None) is None:
+        # no token windows to take gradients on (a user callable, or a data-free run without calib):
+        # fall back to the scale-free relative-error normalisation
+        warnings.warn(
+            "alloc_sensitivity='fisher' needs text or token-window calibration; using alloc_norm='total' instead",
+            stacklevel=2,
+        )
+        config.alloc_sensitivity, config.alloc_norm = "none", "total"
     timings["calibration_data"] = time.perf_counter() - t0
 
     was_training = model.training
@@ -372,9 +381,7 @@ def compress(
     if config.alloc_sensitivity == "fisher" and config.alloc in NEEDS_SPECTRA:
         from rankwise.compression.calibration.sensitivity import output_sensitivity
 
-        windows = getattr(loop, "windows", None)
-        if windows is None:
-            raise RankwiseError("alloc_sensitivity='fisher' needs text or token-window calibration, not a callable.")
+        windows = loop.windows  # type: ignore[attr-defined]
         sens = output_sensitivity(
             model, targets, windows_forward_loop(windows[: config.sens_samples], batch_size=config.batch_size,
                                                  with_loss=True))
