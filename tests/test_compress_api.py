@@ -288,3 +288,25 @@ def test_fisher_weighted_global_allocation_beats_relative_on_tiny_llama():
         assert 0.6 <= res.achieved_ratio <= 0.61
         err[sens] = float((m(x).logits - ref).pow(2).mean())
     assert err["fisher"] < err["none"]
+
+
+def test_fwsvd_with_a_loop_that_never_calls_backward_is_a_clear_error():
+    model = tiny_llama()
+    x = windows()
+
+    def forward_only(m):
+        with torch.no_grad():
+            m(input_ids=x)
+
+    with pytest.raises(RankwiseError, match="did not call backward"):
+        compress(model, method="fwsvd", alloc="uniform", calib=forward_only, progress=False)
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+
+
+def test_fisher_allocation_with_a_callable_falls_back_with_a_warning():
+    model = tiny_llama()
+    x = windows()
+    with pytest.warns(UserWarning, match="alloc_norm='total'"):
+        res = compress(model, ratio=0.3, calib=windows_forward_loop(x), progress=False)
+    assert res.achieved_ratio >= 0.3
+    assert model.rankwise_meta["config"]["alloc_norm"] == "total"

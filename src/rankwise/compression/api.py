@@ -383,8 +383,8 @@ def compress(
 
         windows = loop.windows  # type: ignore[attr-defined]
         sens = output_sensitivity(
-            model, targets, windows_forward_loop(windows[: config.sens_samples], batch_size=config.batch_size,
-                                                 with_loss=True))
+            # one window per backward: bounded activation memory; a common scale factor does not move the allocation
+            model, targets, windows_forward_loop(windows[: config.sens_samples], batch_size=1, with_loss=True))
         sensitivity = [sens[t.name] for t in targets]
     alloc = allocate(
         config.alloc, shapes, config.ratio, energies=energies if config.alloc in NEEDS_SPECTRA else None,
