@@ -13,6 +13,15 @@ from test_tune_adapters import perturb
 pytestmark = pytest.mark.real
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """A few tokens gain nothing from threads, and OpenMP spin-waits on a shared box are slow."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def smollm():
     from rankwise.io.models import load_model, load_tokenizer
