@@ -56,6 +56,7 @@ def test_cli_writes_json_and_html(tiny_folder: Path, tmp_path: Path, capsys: pyt
     [
         (["no-such-model"], "unknown model"),
         (["./missing/folder"], "does not exist"),
+        (["some-org/model-not-in-the-cache"], "no model hub is reachable"),
         (["{tiny}", "--targets", "zzz"], "available names include"),
         (["{tiny}", "--ratio", "1.5"], "between 0 and 1"),
         (["{tiny}", "--ratio", "0"], "between 0 and 1"),
@@ -64,8 +65,11 @@ def test_cli_writes_json_and_html(tiny_folder: Path, tmp_path: Path, capsys: pyt
     ],
 )
 def test_cli_user_errors_exit_2_with_one_line(
-    args: list[str], expected: str, tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    args: list[str], expected: str, tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a folder is expected")
     args = [a.format(tiny=tiny_folder, blocker=blocker, tmp=tmp_path) for a in args]
@@ -130,3 +134,26 @@ def test_real_smollm2_json_keys_for_all_210_matrices(capsys: pytest.CaptureFixtu
     assert shapes["model.layers.0.mlp.down_proj"] == [576, 1536]
     assert data["summary"]["params"] == 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 1536 * 576)
     assert data["summary"]["alpha_fitted"] == 210
+
+
+def test_cli_ctrl_c_leaves_no_partial_output(
+    tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import rankwise.inspection.html as html_mod
+
+    real_png = html_mod._png
+    calls = {"n": 0}
+
+    def interrupted(fig):  # Ctrl-C while the third figure is rendered
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_png(fig)
+
+    monkeypatch.setattr(html_mod, "_png", interrupted)
+    out = tmp_path / "o"
+    rc = main(["inspect", str(tiny_folder), "--html", str(out / "r.html"), "--quiet"])
+    assert rc == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not (out / "r.html").exists()
+    assert not out.exists() or list(out.iterdir()) == []
