@@ -129,6 +129,21 @@ def test_targets_filter_and_errors() -> None:
             inspect(model, InspectConfig(progress=False, ratio=bad))
     with pytest.raises(RankwiseError, match="intruder_eps"):
         inspect(model, InspectConfig(progress=False, intruder_eps=1.5))
+    with pytest.raises(RankwiseError, match="threads"):
+        inspect(model, InspectConfig(progress=False, threads=-2))
+    with pytest.raises(RankwiseError, match="spectrum_method"):
+        inspect(model, InspectConfig(progress=False, spectrum_method="qr"))
+    # the svd spectrum path gives the same metrics as the default float64 Gram path
+    a = inspect(model, InspectConfig(progress=False, spectrum_method="svd", targets="layers.0"))
+    b = inspect(model, InspectConfig(progress=False, targets="layers.0"))
+    for ra, rb in zip(a.matrices, b.matrices):
+        assert ra["stable_rank"] == pytest.approx(rb["stable_rank"], rel=1e-5)
+        assert ra["alpha"] == pytest.approx(rb["alpha"], rel=1e-3)
+        assert ra["energy_rank_90"] == rb["energy_rank_90"]
+    # threads are restored afterwards
+    before = torch.get_num_threads()
+    inspect(model, InspectConfig(progress=False, threads=1, targets="layers.0.mlp"))
+    assert torch.get_num_threads() == before
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

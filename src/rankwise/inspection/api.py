@@ -108,6 +108,8 @@ class InspectConfig:
             raise RankwiseError(f"intruder_eps must lie in (0, 1) (a cosine similarity), got {self.intruder_eps}.")
         if int(self.intruder_top) < 1:
             raise RankwiseError(f"intruder_top must be at least 1, got {self.intruder_top}.")
+        if self.threads is not None and int(self.threads) < 0:
+            raise RankwiseError(f"threads must be 0 (torch's default) or a positive count, got {self.threads}.")
         if self.spectrum_method not in ("gram", "svd"):
             raise RankwiseError(f"spectrum_method must be 'gram' or 'svd', got {self.spectrum_method!r}.")
         if not 0.0 <= float(self.min_saving) < 1.0:
