@@ -9,6 +9,15 @@ from rankwise.compression.allocation.welore import welore_allocation
 from rankwise.errors import RankwiseError
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one torch thread is much faster than two on a shared, busy CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _spectra() -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
     # three fast-decaying (low-rank-ish) 64×64 matrices and two flat ones
     fast = [torch.tensor([0.8**i for i in range(64)]) * (j + 1) for j in range(3)]

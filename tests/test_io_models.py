@@ -19,6 +19,15 @@ from rankwise.io.models import load_model, resolve_model
 from rankwise.surgery import LowRankLinear, find_targets, set_module
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one torch thread is much faster than two on a shared, busy CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def tiny_llama() -> nn.Module:
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,

@@ -13,6 +13,15 @@ from rankwise.io.checkpoint import to_dense
 from rankwise.surgery import LowRankLinear, Target, find_targets, get_module, set_module
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one torch thread is much faster than two on a shared, busy CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def tiny_llama(tied: bool = True) -> nn.Module:
     torch.manual_seed(0)
     cfg = LlamaConfig(
