@@ -253,3 +253,16 @@ def test_public_api_and_html(tmp_path: Path) -> None:
     rep.write_json(tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text())["summary"]["matrices"] == 14
     assert not list(tmp_path.glob(".*tmp"))
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_left_singular_vectors_match_svd(shape: tuple[int, int]) -> None:
+    from rankwise.inspection.api import left_singular_vectors
+
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    u = left_singular_vectors(w)
+    ref, _, _ = torch.linalg.svd(w, full_matrices=False)
+    p = min(shape)
+    # same subspace and the same vectors up to sign, column by column
+    assert torch.allclose((u[:, :p].T @ ref).abs(), torch.eye(p, dtype=torch.float64), atol=1e-8)
+    assert torch.allclose(u.T @ u, torch.eye(u.shape[1], dtype=torch.float64), atol=1e-8)
