@@ -43,5 +43,10 @@ bench: $(VENV)/.rankwise-bench
 	$(PY) bench/tune_quality.py
 	$(PY) bench/train_memory.py
 
+# Render the HTML report in headless Chromium and save a screenshot (needs `apt-get install chromium`).
+html-check: $(STAMP)
+	$(RW) inspect --quiet --html out/demo/inspect.html
+	scripts/html_screenshot.sh out/demo/inspect.html out/demo/inspect.png
+
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache
