@@ -335,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if previous is not None:
         report["command"] = previous["command"] + " ; then: " + report["command"]
+        report["append_settings"] = report["settings"]
+        report["settings"] = previous["settings"]
         report["total_seconds"] += previous.get("total_seconds", 0.0)
     with atomic_file(args.out) as fh:
         fh.write(json.dumps(report, indent=2) + "\n")
