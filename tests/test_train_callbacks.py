@@ -11,6 +11,15 @@ from rankwise.surgery.lowrank import LowRankLinear
 from rankwise.train import TRP, Cuttlefish, GaLoreAdamW
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: much faster on the shared, oversubscribed CPU (OpenMP threads spin); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def planted(m: int, n: int, sigmas: list[float], noise: float = 1e-3, seed: int = 0) -> torch.Tensor:
     """U diag(σ) Vᵀ with random orthonormal U, V, plus small Gaussian noise."""
     g = torch.Generator().manual_seed(seed)

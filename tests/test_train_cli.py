@@ -12,6 +12,15 @@ import torch
 from rankwise.cli.main import main
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: much faster on the shared, oversubscribed CPU (OpenMP threads spin); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
     """A tiny random Llama saved with a real tokenizer (MiniLM's WordPiece, no download)."""
