@@ -17,7 +17,7 @@ Three parts (issue 5), each scaled by default so the whole script finishes in
 Step time is also measured A/B (rankwise lora and PEFT LoRA steps interleaved on
 the same batch) because the shared machine's load drifts during a run.
 
-    python bench/tune_quality.py            # scaled default
+    python bench/tune_quality.py            # scaled default (1 torch thread)
     python bench/tune_quality.py --full     # the issue's protocol (hours on 2 cores)
 """
 
@@ -253,6 +253,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heal-compress", default="whiten")
     p.add_argument("--heal-calib", type=int, default=8)
     p.add_argument("--heal-lr", type=float, default=1e-4)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on the shared 2-core box 1 thread ran 2.5-3x faster than 2)")
     p.add_argument("--progress", action="store_true", help="show per-run progress bars")
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args(argv)
@@ -276,10 +278,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
+    torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     out: dict[str, Any] = {"command": "python bench/tune_quality.py " + " ".join(argv or sys.argv[1:]),
                            "full_protocol": a.full, "torch_threads": torch.get_num_threads(),
+                           "settings": {k: v for k, v in vars(a).items() if k != "out"},
                            "device": "cpu"}
     try:
         import peft
