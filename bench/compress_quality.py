@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
         rows = [dict(r, process=i) for i, p in enumerate(parts) for r in p["rows"]]
-        rows.sort(key=lambda r: (r["tag"] != "baseline", r["tag"] != "best", r["tag"], r["ratio"]))
+        rows.sort(key=lambda r: (r["tag"] not in ("baseline", "best"), r["ratio"], r["tag"] != "baseline",
+                                 r["process"]))
         _write(args, parts[0]["dense"], rows, note=f"merged from {len(parts)} processes; each row is compared "
                "with the baseline measured in its own process")
         _table(parts[0]["dense"], rows)
@@ -205,9 +206,14 @@ def _table(dense: dict, rows: list[dict]) -> None:
     print(f"| {'configuration':36s} | ρ | achieved | PTB | BBC | PTB/base | BBC/base | BBC degr / PTB degr |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        desc = f"{r['tag']}: {r['method']}/{r['alloc']}{'/seq' if r['sequential'] else ''}"
+        desc = f"{r['tag']}: {r['method']}/{r['alloc']}"
+        if r["alloc"] == "global":
+            desc += "[fisher]" if r.get("alloc_sensitivity", "none") == "fisher" else f"[{r.get('alloc_norm')}]"
+        desc += "/seq" if r["sequential"] else ""
         if r["shrink"]:
-            desc += f"/λ={r['shrink']}"
+            desc += f"/shrink {r.get('shrink_target', 'diag')} {r['shrink']}"
+        if r.get("skip_first"):
+            desc += f"/skip first {r['skip_first']}"
         print(f"| {desc:36s} | {r['ratio']} | {r['achieved_ratio']:.3f} | {r['ppl_ptb']:.1f} | {r['ppl_bbc']:.1f} |"
               f" {r.get('vs_baseline_ptb', float('nan')):.2f} | {r.get('vs_baseline_bbc', float('nan')):.2f} |"
               f" {r['offdomain_over_ondomain']:.2f} |")
