@@ -13,6 +13,7 @@ Three parts (issue 5), each scaled by default so the whole script finishes in
 3. Healing: SmolLM2 compressed by ``rankwise.compress`` (whiten, uniform
    allocation) at ρ = 0.2 and 0.4, then ``heal`` (train the factors) for the LM
    budget of part 2; reports the fraction of the perplexity gap to dense recovered.
+4. Init time: PiSSA exact/randomized, PEFT and rankwise, interleaved rounds.
 
 Step time is also measured A/B (rankwise lora and PEFT LoRA steps interleaved on
 the same batch) because the shared machine's load drifts during a run.
@@ -228,11 +229,37 @@ def part_heal(a: argparse.Namespace) -> dict[str, Any]:
                                     "eval_tokens": a.lm_eval_tokens}}
 
 
+# -- part 4: init time A/B -----------------------------------------------------------------------
+def part_init(a: argparse.Namespace) -> dict[str, Any]:
+    """PiSSA init time, PEFT (exact / randomized) vs rankwise (exact / randomized), interleaved per round."""
+    out: dict[str, Any] = {}
+    for name in ("minilm-l6", "smollm2-135m"):
+        cls = name == "minilm-l6"
+        base = load_model(name, task="classify" if cls else "causal-lm", **({"num_labels": 5} if cls else {}))
+        head = "classifier" if cls else None
+        targets = body_targets(base, head)
+        times: dict[str, list[float]] = {}
+        for _ in range(a.init_rounds):
+            for method in ("peft-pissa", "pissa", "pissa-rand", "peft-pissa-rand"):
+                t, m = attach(copy.deepcopy(base), method, a.rank, a.alpha, targets, head)
+                times.setdefault(method, []).append(t)
+                del m
+                gc.collect()
+        med = {k: statistics.median(v) for k, v in times.items()}
+        out[name] = {"seconds": times, "median_s": med,
+                     "speedup_rankwise_rand_vs_peft_exact": med["peft-pissa"] / med["pissa-rand"]}
+        print(f"  init {name}: " + ", ".join(f"{k} {v:.2f}s" for k, v in med.items()), file=sys.stderr)
+        del base
+        gc.collect()
+    return out
+
+
 # -- main -----------------------------------------------------------------------------------------
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--full", action="store_true", help="the issue's full protocol (slow)")
-    p.add_argument("--parts", default="classify,lm,heal")
+    p.add_argument("--parts", default="classify,lm,heal,init")
+    p.add_argument("--init-rounds", type=int, default=2)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--seeds", default=None)
@@ -311,6 +338,15 @@ def main(argv: list[str] | None = None) -> int:
         for r in out["heal"]["rows"]:
             print(f"| {r['ratio']} | {r['dense']:.2f} | {r['compressed']:.2f} | {r['healed']:.2f} | "
                   f"{r['recovered_fraction']:.1%} | {r['trainable_parameters']:,} | {r['s_per_step']:.2f} |")
+    if "init" in a.parts:
+        out["init"] = part_init(a)
+        print("\n## PiSSA init time (median of interleaved rounds)\n| model | PEFT exact | rankwise exact | "
+              "rankwise randomized | PEFT randomized | speed-up (PEFT exact / rankwise randomized) |\n"
+              "|---|---:|---:|---:|---:|---:|")
+        for name, r in out["init"].items():
+            md = r["median_s"]
+            print(f"| {name} | {md['peft-pissa']:.2f} | {md['pissa']:.2f} | {md['pissa-rand']:.2f} | "
+                  f"{md['peft-pissa-rand']:.2f} | {r['speedup_rankwise_rand_vs_peft_exact']:.1f}× |")
     out["wall_s"] = time.perf_counter() - t0
     print(f"\ntotal {out['wall_s'] / 60:.1f} min", file=sys.stderr)
     path = Path(a.out)
