@@ -1,6 +1,6 @@
 """Benchmark of rankwise.tune adapters against PEFT, side by side in one process.
 
-Three parts (issue 5), each scaled by default so the whole script finishes in
+Four parts (issue 5), each scaled by default so the whole script finishes in
 < 25 min on 2 shared CPU cores; ``--full`` restores the issue's protocol.
 
 1. BBC classification on MiniLM-L6 (fresh 5-way head trained with the adapter):
