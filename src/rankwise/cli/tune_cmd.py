@@ -14,6 +14,10 @@ from pathlib import Path
 
 from rankwise.errors import RankwiseError
 
+DEFAULT_LR = 2e-4
+LR_MULTIPLIER = {"svfit": 10.0, "loldu": 10.0}
+"""Methods whose few parameters are singular values / a diagonal need a larger step (SVFit, LoLDU papers)."""
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, metavar="MODEL_OR_DIR",
@@ -28,7 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, default=None, help="training steps (default 100 when --epochs is not given)")
     g.add_argument("--epochs", type=float, default=None, help="passes over the training split")
-    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="AdamW learning rate (default 2e-4; svfit and loldu, which train singular values / "
+                        "a diagonal, default to 10x that: 2e-3)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training window / article (default 256)")
     p.add_argument("--seed", type=int, default=0)
@@ -92,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
         dropout=args.dropout, svd=svd, svd_iters=2 if args.svd_iters is None else args.svd_iters,
         energy=args.energy, lora_rank=args.lora_rank, gamma=args.gamma, heal_mode=args.heal_mode, seed=args.seed,
     ).validate()
-    tcfg = TrainConfig(task=args.task, data=args.data, steps=args.steps, epochs=args.epochs, lr=args.lr,
+    lr = args.lr if args.lr is not None else DEFAULT_LR * LR_MULTIPLIER.get(cfg.method, 1.0)
+    tcfg = TrainConfig(task=args.task, data=args.data, steps=args.steps, epochs=args.epochs, lr=lr,
                        batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
                        max_train=args.max_train, max_eval=args.max_eval, eval_tokens=args.eval_tokens).validate()
     if args.export_peft and cfg.method not in PEFT_EXPORTABLE:
@@ -164,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         else f"{tcfg.data}-test accuracy {ev['value']:.4f} ({ev['examples']} texts)")
     console.print(
         f"rankwise tune: {cfg.method} r={rank_txt}"
-        f" · trainable {n_train:,} params ({100 * n_train / n_total:.3f} %) · {result.steps} steps, "
+        f" · trainable {n_train:,} params ({100 * n_train / n_total:.3f} %) · {result.steps} steps at lr {lr:g}, "
         f"loss {tr['first_loss']:.4f}→{tr['final_loss']:.4f}, "
         f"{result.s_per_step:.2f} s/step · {metric} · adapter in {args.out}"
         + (f" · merged in {args.merge}" if args.merge else "")
