@@ -187,3 +187,31 @@ def test_cli_errors(args, message, tiny_folders, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and err[-1].startswith("rankwise tune: error:")
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_heal_compressed_checkpoint(tiny_folders, tmp_path):
+    """heal on a `rankwise.save`-d compressed model: adapter reloads onto rankwise.load and equals --merge."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import rankwise
+    from rankwise.surgery import LowRankLinear, find_targets, set_module
+    from rankwise.tune import load_adapter, merge
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_folders / "lm"))
+    for t in find_targets(model):
+        set_module(model, t.name, LowRankLinear.from_linear(t.module, 4))
+    rankwise.save(model, tmp_path / "c", tokenizer=AutoTokenizer.from_pretrained(str(tiny_folders / "lm")))
+    rc = _cli(str(tmp_path / "c"), "--method", "heal", "--task", "lm", "--data", str(tiny_folders / "text.txt"),
+              "--steps", "3", "--lr", "1e-2", "--seq-len", "16", "--eval-tokens", "64",
+              "--out", str(tmp_path / "h"), "--merge", str(tmp_path / "m"))
+    assert rc == 0
+    healed = rankwise.load(tmp_path / "c")
+    ids = torch.randint(0, 1000, (1, 10))
+    with torch.no_grad():
+        before = healed(input_ids=ids).logits
+        load_adapter(healed, tmp_path / "h")
+        merge(healed)
+        after = healed(input_ids=ids).logits
+        dense = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m")).eval()(input_ids=ids).logits
+    assert torch.allclose(dense, after, atol=1e-5)
+    assert not torch.allclose(before, after, atol=1e-4)
