@@ -381,10 +381,17 @@ def compress(
     if config.alloc_sensitivity == "fisher" and config.alloc in NEEDS_SPECTRA:
         from rankwise.compression.calibration.sensitivity import output_sensitivity
 
-        windows = loop.windows  # type: ignore[attr-defined]
-        sens = output_sensitivity(
-            # one window per backward: bounded activation memory; a common scale factor does not move the allocation
-            model, targets, windows_forward_loop(windows[: config.sens_samples], batch_size=1, with_loss=True))
+        windows = loop.windows[: config.sens_samples]  # type: ignore[attr-defined]
+
+        def loss_loop(m: nn.Module) -> None:
+            # one window per backward: bounded activation memory (a common scale does not move the allocation)
+            from tqdm.auto import tqdm
+
+            for i in tqdm(range(len(windows)), desc="loss sensitivity", unit="window", leave=False,
+                          disable=not config.progress):
+                windows_forward_loop(windows[i : i + 1], batch_size=1, with_loss=True)(m)
+
+        sens = output_sensitivity(model, targets, loss_loop)
         sensitivity = [sens[t.name] for t in targets]
     alloc = allocate(
         config.alloc, shapes, config.ratio, energies=energies if config.alloc in NEEDS_SPECTRA else None,
