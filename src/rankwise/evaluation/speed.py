@@ -154,10 +154,24 @@ def _supports(model: nn.Module, arg: str) -> bool:
         return False
 
 
+def _cache_kwarg(model: nn.Module) -> str | None:
+    """The forward argument that takes the KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    for name in ("cache", "past_key_values"):
+        if _supports(model, name):
+            return name
+    return None
+
+
 def _is_generative(model: nn.Module) -> bool:
-    return _supports(model, "past_key_values") and hasattr(model, "get_output_embeddings") and (
+    return _cache_kwarg(model) is not None and hasattr(model, "get_output_embeddings") and (
         model.get_output_embeddings() is not None
     )
+
+
+def _cache_of(out) -> object:
+    """The KV cache returned by a forward pass, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def _sync(device: torch.device) -> None:
@@ -185,10 +199,11 @@ def _timed_decode(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) ->
     _sync(device)
     t1, c1 = time.perf_counter(), time.process_time()
     tokens = [int(nxt)]
-    past = out.past_key_values
+    cache_kw = _cache_kwarg(model)
+    past = _cache_of(out)
     for _ in range(new_tokens - 1):
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=nxt, use_cache=True, **{cache_kw: past})
+        past = _cache_of(out)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(int(nxt))
     _sync(device)

@@ -105,7 +105,7 @@ def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
 
 def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
     kwargs = dict(kwargs)
-    for key in ("past_key_values", "past_key_value", "layer_past"):
+    for key in ("past_key_values", "past_key_value", "layer_past", "cache"):  # "cache": transformers >= 5.24
         if key in kwargs:
             kwargs[key] = None
     if "use_cache" in kwargs:
