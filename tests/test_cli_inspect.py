@@ -15,14 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from rankwise.cli.main import main
 from rankwise.inspection.api import MATRIX_KEYS
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one torch thread is much faster than two on a shared, busy CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,7 @@ from rankwise.engine.whitening import inverse_sqrt_factor
 from rankwise.errors import RankwiseError
 from rankwise.surgery import Target, find_targets
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:

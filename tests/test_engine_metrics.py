@@ -22,14 +22,7 @@ from rankwise.engine.powerlaw import fit_power_law
 from rankwise.engine.svd import singular_values, spectra, truncated_svd
 from rankwise.engine.whitening import cholesky_factor, inverse_sqrt_factor
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one torch thread is much faster than two on a shared, busy CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def matrix_with_singular_values(sv: list[float], m: int, n: int, seed: int = 0) -> torch.Tensor:

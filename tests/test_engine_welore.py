@@ -8,14 +8,7 @@ import torch
 from rankwise.compression.allocation.welore import welore_allocation
 from rankwise.errors import RankwiseError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one torch thread is much faster than two on a shared, busy CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _spectra() -> tuple[list[torch.Tensor], list[tuple[int, int]]]:

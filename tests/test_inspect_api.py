@@ -20,14 +20,7 @@ from rankwise.errors import RankwiseError
 from rankwise.inspection.api import MATRIX_KEYS, InspectConfig, farms_eigenvalues, inspect, layer_index, layer_type
 from rankwise.surgery import LowRankLinear, find_targets, set_module
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one torch thread is much faster than two on a shared, busy CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_llama(seed: int = 0) -> nn.Module:

@@ -18,14 +18,7 @@ from rankwise.io.checkpoint import export_dense, factorised_layers, load, save
 from rankwise.io.models import load_model, resolve_model
 from rankwise.surgery import LowRankLinear, find_targets, set_module
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one torch thread is much faster than two on a shared, busy CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_llama() -> nn.Module:

@@ -12,14 +12,7 @@ from rankwise.errors import RankwiseError
 from rankwise.io.checkpoint import to_dense
 from rankwise.surgery import LowRankLinear, Target, find_targets, get_module, set_module
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one torch thread is much faster than two on a shared, busy CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_llama(tied: bool = True) -> nn.Module:

@@ -10,14 +10,7 @@ from rankwise.errors import RankwiseError
 from rankwise.surgery.lowrank import LowRankLinear
 from rankwise.train import TRP, Cuttlefish, GaLoreAdamW
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: much faster on the shared, oversubscribed CPU (OpenMP threads spin); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def planted(m: int, n: int, sigmas: list[float], noise: float = 1e-3, seed: int = 0) -> torch.Tensor:

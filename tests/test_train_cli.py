@@ -11,14 +11,7 @@ import torch
 
 from rankwise.cli.main import main
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: much faster on the shared, oversubscribed CPU (OpenMP threads spin); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from rankwise.errors import RankwiseError
 from rankwise.train import GaLoreAdamW, galore_param_groups, optimizer_state_bytes
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: much faster on the shared, oversubscribed CPU (OpenMP threads spin); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = {
     "hidden_size": 64,

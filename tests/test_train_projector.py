@@ -11,14 +11,7 @@ from rankwise.engine.svd import truncated_svd
 from rankwise.errors import RankwiseError
 from rankwise.train.projector import Projector, dct_basis, dct_scores, projection_side
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: much faster on the shared, oversubscribed CPU (OpenMP threads spin); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _decaying(m: int, n: int, seed: int = 0) -> torch.Tensor:

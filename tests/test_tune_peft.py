@@ -16,13 +16,7 @@ from test_tune_adapters import IDS, logits, perturb, tiny_gpt2, tiny_llama
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and OpenMP spin-waits on a shared box are slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _peft_logits(base, folder, ids=IDS):

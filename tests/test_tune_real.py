@@ -10,16 +10,9 @@ import torch
 from rankwise.tune import AdapterConfig, apply, export_peft, load_adapter, save_adapter, trainable_parameters
 from test_tune_adapters import perturb
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.usefixtures("one_torch_thread")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """A few tokens gain nothing from threads, and OpenMP spin-waits on a shared box are slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ LR = {"lora": 1e-2, "pissa": 1e-2, "svfit": 3e-2, "salt": 1e-2, "sorsa": 1e-2, "
       "welore-lrc": 1e-2, "heal": 1e-2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and OpenMP spin-waits on a shared box are slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class FixedBatch:
