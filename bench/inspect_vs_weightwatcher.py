@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rankwise.inspection.api import InspectConfig, inspect, torch_threads
+from rankwise.engine.threads import torch_threads
+from rankwise.inspection.api import InspectConfig, inspect
 from rankwise.io.atomic import atomic_file
 from rankwise.io.models import load_model
 from rankwise.surgery import find_targets

@@ -20,6 +20,21 @@ def ratio_arg(value: str) -> float:
     return check_ratio(value)
 
 
+def positive_int(name: str):
+    """argparse type for an option that must be a whole number ≥ 1 (one-line RankwiseError otherwise)."""
+
+    def parse(value: str) -> int:
+        try:
+            v = int(value)
+        except ValueError as exc:
+            raise RankwiseError(f"{name} must be a whole number, got {value!r}.") from exc
+        if v < 1:
+            raise RankwiseError(f"{name} must be at least 1, got {v}.")
+        return v
+
+    return parse
+
+
 def write_json(data: Any, dest: str | None) -> None:
     """Write ``data`` as JSON to ``dest`` (a path, atomically) or to stdout when ``dest == "-"``."""
     if dest is None:

@@ -12,21 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rankwise.cli.common import console, split_list, write_json
+from rankwise.cli.common import console, positive_int, split_list, write_json
 from rankwise.errors import RankwiseError
-
-
-def _positive(name: str):
-    def parse(value: str) -> int:
-        try:
-            v = int(value)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {value!r}") from exc
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {v}")
-        return v
-
-    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,20 +26,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--text", default="ptb", type=split_list,
                         help="comma-separated eval texts: ptb, bbc or FILE.txt (test splits; default: ptb)")
-    parser.add_argument("--tokens", type=_positive("--tokens"), default=4096,
+    parser.add_argument("--tokens", type=positive_int("--tokens"), default=4096,
                         help="token budget per text (default: 4096)")
-    parser.add_argument("--seq-len", type=_positive("--seq-len"), default=512,
+    parser.add_argument("--seq-len", type=positive_int("--seq-len"), default=512,
                         help="window length; non-overlapping windows, BOS prepended (default: 512)")
     parser.add_argument("--speed", action="store_true",
                         help="also measure prefill and decode tokens/s and peak memory")
-    parser.add_argument("--prompt-tokens", type=_positive("--prompt-tokens"), default=512,
+    parser.add_argument("--prompt-tokens", type=positive_int("--prompt-tokens"), default=512,
                         help="prefill prompt length for --speed, taken from the first --text (default: 512)")
-    parser.add_argument("--new-tokens", type=_positive("--new-tokens"), default=64,
+    parser.add_argument("--new-tokens", type=positive_int("--new-tokens"), default=64,
                         help="greedy tokens decoded with the KV cache for --speed (default: 64)")
-    parser.add_argument("--repeats", type=_positive("--repeats"), default=5,
+    parser.add_argument("--repeats", type=positive_int("--repeats"), default=5,
                         help="timed repeats for --speed, median reported (default: 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds for --speed (default: 1)")
-    parser.add_argument("--threads", type=_positive("--threads"), default=None,
+    parser.add_argument("--threads", type=positive_int("--threads"), default=None,
                         help="torch CPU threads (default: torch's choice; 1 is steadier on a busy machine)")
     parser.add_argument("--compare", metavar="DENSE", default=None,
                         help="a second (usually the dense) model measured side by side in this process")

@@ -14,6 +14,8 @@ import argparse
 import time
 from typing import Any
 
+from rankwise.cli.common import positive_int
+
 OPTIMIZERS = ("adamw", "galore", "galore-dct", "fira")
 CALLBACKS = ("trp", "cuttlefish")
 
@@ -49,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     parser.add_argument("--json", default=None, help="also write the run summary as JSON here ('-' = stdout)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int("--threads"), default=None,
                         help="CPU threads for torch (default: torch's choice; 1 is faster on a busy shared machine)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -135,10 +137,6 @@ def run(args: argparse.Namespace) -> int:
 
     _check(args)
     if args.threads is not None:
-        if args.threads < 1:
-            from rankwise.errors import RankwiseError
-
-            raise RankwiseError(f"--threads must be at least 1, got {args.threads}.")
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model, tok = load_for_training(args.model, args.from_scratch, args.seed)

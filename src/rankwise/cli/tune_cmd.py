@@ -12,6 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
+from rankwise.cli.common import positive_int
 from rankwise.errors import RankwiseError
 
 DEFAULT_LR = 2e-4
@@ -58,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge", default=None, metavar="DIR",
                    help="also write the merged dense model as a standard HF folder")
     p.add_argument("--export-peft", default=None, metavar="DIR", help="also write a PEFT LoRA folder (lora, pissa)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int("--threads"), default=None,
                    help="CPU threads for torch (default: torch's; 1 is often faster on an oversubscribed machine)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
     p.add_argument("--json", default=None, metavar="PATH", help="write the run summary as JSON ('-' = stdout)")
@@ -119,8 +120,6 @@ def run(args: argparse.Namespace) -> int:
         _, _, labels = load_labelled(tcfg.data, "train")  # one-line error when the data has no labels
     model_path = resolve_model(args.model)
     if args.threads is not None:
-        if args.threads < 1:
-            raise RankwiseError(f"--threads must be >= 1, got {args.threads}.")
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 

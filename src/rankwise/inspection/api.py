@@ -19,7 +19,7 @@ import math
 import os
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ from rankwise.engine.metrics import (
 )
 from rankwise.engine.powerlaw import PowerLawFit, fit_power_law
 from rankwise.engine.svd import spectra as batched_spectra
+from rankwise.engine.threads import torch_threads
 from rankwise.errors import RankwiseError, check_ratio
 from rankwise.surgery.targets import Target, find_targets
 
@@ -310,20 +311,6 @@ def _progress(enabled: bool, total: int, label: str):
             yield lambda n=1: prog.advance(task, n)
 
     return cm()
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` torch intra-op threads (``None``/0: unchanged), then restore."""
-    if not n:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def inspect(

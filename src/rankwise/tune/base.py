@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rankwise.engine.threads import torch_threads
 from rankwise.errors import RankwiseError
 from rankwise.surgery.lowrank import LowRankLinear
 from rankwise.surgery.targets import Target
@@ -186,15 +187,8 @@ def decomposition_threads(m: int, n: int, limit: int = 2048) -> Iterator[None]:
     measured 14 s with 2 threads versus 0.12 s with 1 for a 1536×384 SVD on two
     shared cores. Larger matrices keep torch's thread setting.
     """
-    if max(m, n) > limit:
+    with torch_threads(1 if max(m, n) <= limit else None):
         yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def kaiming_a(rank: int, n: int, generator: torch.Generator) -> torch.Tensor:
