@@ -9,8 +9,8 @@ line and exits with status 2 instead of showing a traceback.
 from __future__ import annotations
 
 
-class RankwiseError(Exception):
-    """A user error with a one-line, actionable message."""
+class RankwiseError(ValueError):
+    """A user error with a one-line, actionable message (a ``ValueError``, so generic handlers catch it)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))
