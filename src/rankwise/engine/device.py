@@ -65,7 +65,8 @@ def resolve_dtype(spec: str | torch.dtype | None, checkpoint_dtype: torch.dtype 
     if dt is None:
         dt = checkpoint_dtype or torch.float32
     if dt not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise RankwiseError(f"--dtype {dt} is not a floating-point weight dtype; use one of {', '.join(DTYPE_CHOICES)}.")
+        raise RankwiseError(f"--dtype {dt} is not a floating-point weight dtype; "
+                            f"use one of {', '.join(DTYPE_CHOICES)}.")
     return dt
 
 
