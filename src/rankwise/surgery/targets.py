@@ -70,6 +70,12 @@ class Target:
         dst.copy_((w.T if self.transposed else w).to(dst.dtype))
 
 
+def _storage_key(w: torch.Tensor) -> int:
+    """What makes two weights the same tensor: the data pointer, or the object itself on the meta device
+    (a skeleton built with accelerate's ``init_empty_weights`` has every data pointer 0)."""
+    return id(w) if w.is_meta else w.data_ptr()
+
+
 def _excluded_ids(model: nn.Module) -> set[int]:
     """ids of modules never targeted by default: the LM head and anything tied to the embeddings."""
     out: set[int] = set()
@@ -87,11 +93,22 @@ def _excluded_ids(model: nn.Module) -> set[int]:
     if head is not None:
         out.add(id(head))
     if emb is not None and getattr(emb, "weight", None) is not None:
-        tied_ptrs.add(emb.weight.data_ptr())
+        tied_ptrs.add(_storage_key(emb.weight))
     for mod in model.modules():
         w = getattr(mod, "weight", None)
-        if isinstance(w, torch.Tensor) and w.data_ptr() in tied_ptrs and is_matrix_module(mod):
+        if isinstance(w, torch.Tensor) and _storage_key(w) in tied_ptrs and is_matrix_module(mod):
             out.add(id(mod))
+    return out
+
+
+def _factor_ids(model: nn.Module) -> set[int]:
+    """ids of the Linear children inside factorised layers (a LowRankLinear's A and B are factors, not targets)."""
+    from rankwise.surgery.layers import is_factorised
+
+    out: set[int] = set()
+    for mod in model.modules():
+        if is_factorised(mod):
+            out.update(id(m) for m in mod.modules() if m is not mod)
     return out
 
 
@@ -105,7 +122,8 @@ def find_targets(
 
     ``pattern``: a regex searched in each module name (``re.search``); ``None``
     means every Linear/Conv1D. ``exclude``: a regex of names to drop.
-    ``include_heads``: also allow the LM head / tied layers.
+    ``include_heads``: also allow the LM head / tied layers. The factors inside
+    factorised layers (a LowRankLinear's ``A`` and ``B``) are never targets.
 
     Raises :class:`RankwiseError` when nothing matches, listing a few names.
     """
@@ -115,6 +133,7 @@ def find_targets(
     except re.error as exc:
         raise RankwiseError(f"--targets is not a valid regular expression ({exc}); e.g. 'q_proj|v_proj'.") from exc
     skip = set() if include_heads else _excluded_ids(model)
+    skip |= _factor_ids(model)
     candidates: list[Target] = []
     found: list[Target] = []
     for name, mod in model.named_modules():
