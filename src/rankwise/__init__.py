@@ -8,7 +8,9 @@ The public API mirrors the command line:
 * ``rankwise.tune.apply(model, AdapterConfig(...))`` – spectral adapters;
 * ``rankwise.train.GaLoreAdamW`` and friends – low-rank training.
 
-Heavy submodules are imported on first use, so ``import rankwise`` is cheap.
+Every name except :class:`RankwiseError` and ``__version__`` is imported on first
+attribute access (PEP 562), so ``import rankwise`` and ``rankwise --help`` import
+neither torch nor transformers (tests/test_imports.py checks it in a subprocess).
 """
 
 from __future__ import annotations
@@ -19,12 +21,19 @@ from typing import Any
 __version__ = "0.1.0"
 
 from rankwise.errors import RankwiseError
-from rankwise.io.checkpoint import export_dense, load, save, to_dense
-from rankwise.io.models import load_model, load_tokenizer, resolve_model
-from rankwise.io.texts import load_text
-from rankwise.surgery import LowRankLinear, find_targets
 
+#: public name → (module, attribute; None for the module itself), imported on first access
 _LAZY: dict[str, tuple[str, str | None]] = {
+    "save": ("rankwise.io.checkpoint", "save"),
+    "load": ("rankwise.io.checkpoint", "load"),
+    "export_dense": ("rankwise.io.checkpoint", "export_dense"),
+    "to_dense": ("rankwise.io.checkpoint", "to_dense"),
+    "load_model": ("rankwise.io.models", "load_model"),
+    "load_tokenizer": ("rankwise.io.models", "load_tokenizer"),
+    "resolve_model": ("rankwise.io.models", "resolve_model"),
+    "load_text": ("rankwise.io.texts", "load_text"),
+    "LowRankLinear": ("rankwise.surgery.lowrank", "LowRankLinear"),
+    "find_targets": ("rankwise.surgery.targets", "find_targets"),
     "inspect": ("rankwise.inspection.api", "inspect"),
     "InspectConfig": ("rankwise.inspection.api", "InspectConfig"),
     "InspectReport": ("rankwise.inspection.api", "InspectReport"),
@@ -36,22 +45,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "train": ("rankwise.train", None),
 }
 
-__all__ = [
-    "LowRankLinear",
-    "RankwiseError",
-    "__version__",
-    "export_dense",
-    "find_targets",
-    "load",
-    "load_model",
-    "load_text",
-    "load_tokenizer",
-    "resolve_model",
-    "save",
-    "to_dense",
-    *_LAZY,
-]
-
+__all__ = ["RankwiseError", "__version__", *_LAZY]
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
@@ -61,3 +55,7 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module 'rankwise' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

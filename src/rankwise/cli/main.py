@@ -2,7 +2,11 @@
 
 Each verb lives in ``rankwise.cli.<verb>_cmd`` and provides
 ``add_arguments(parser)`` and ``run(args) -> int``. Verb modules are imported
-only when needed so ``rankwise --help`` is instant. User errors
+only for the verb being run, so ``rankwise --help`` imports neither torch nor
+transformers (tests/test_imports.py). Every verb gets ``--quiet`` here (no
+progress bars, no messages on stderr; errors still print): it sets
+``TQDM_DISABLE=1``, which rankwise's bars (:mod:`rankwise.progress`) and the
+libraries' tqdm bars honour, and quiets the shared console. User errors
 (:class:`RankwiseError`) print one line and exit with status 2; Ctrl-C exits
 with 130 after the verb's own clean-up (outputs are written atomically).
 """
@@ -10,11 +14,15 @@ with 130 after the verb's own clean-up (outputs are written atomically).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
+from collections.abc import Iterator
 
 from rankwise import __version__
 from rankwise.errors import RankwiseError
+from rankwise.progress import set_quiet
 
 VERBS: dict[str, tuple[str, str]] = {
     "inspect": ("rankwise.cli.inspect_cmd", "per-matrix spectra and metrics: table, JSON, HTML report"),
@@ -35,7 +43,38 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if verb is None or verb == name:
             importlib.import_module(module).add_arguments(p)
+        if "--quiet" not in p._option_string_actions:  # a verb that defines its own --quiet keeps it
+            p.add_argument("--quiet", action="store_true",
+                           help="no progress bars and no messages on stderr (errors still print); "
+                                "TQDM_DISABLE=1 does the same for the bars")
     return parser
+
+
+@contextlib.contextmanager
+def _quiet_scope(on: bool) -> Iterator[None]:
+    """``--quiet``: silence every bar (``TQDM_DISABLE=1``) and the shared console for one verb run.
+
+    The environment and console are restored afterwards, so ``main()`` called in-process
+    (tests, notebooks) leaves no trace.
+    """
+    if not on:
+        yield
+        return
+    from rankwise.cli.common import console
+
+    saved = {k: os.environ.get(k) for k in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    was_quiet = console.quiet
+    set_quiet(True)
+    console.quiet = True
+    try:
+        yield
+    finally:
+        console.quiet = was_quiet
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(importlib.import_module(VERBS[args.verb][0]).run(args) or 0)
+        with _quiet_scope(bool(getattr(args, "quiet", False))):
+            return int(importlib.import_module(VERBS[args.verb][0]).run(args) or 0)
     except RankwiseError as exc:
         print(f"rankwise {args.verb}: error: {exc}", file=sys.stderr)
         return 2

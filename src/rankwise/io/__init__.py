@@ -1,20 +1,35 @@
-"""Models, texts and checkpoints in and out of rankwise."""
+"""Models, texts and checkpoints in and out of rankwise.
 
-from rankwise.io.atomic import atomic_dir, atomic_file, check_writable
-from rankwise.io.models import BUILTIN_MODELS, cache_dir, load_model, load_tokenizer, resolve_model
-from rankwise.io.texts import BUILTIN_TEXTS, load_labelled, load_text, text_fingerprint
+Names are imported on first access (PEP 562) so that importing a light submodule
+(``rankwise.io.atomic``, ``rankwise.io.texts``) does not import torch.
+"""
 
-__all__ = [
-    "BUILTIN_MODELS",
-    "BUILTIN_TEXTS",
-    "atomic_dir",
-    "atomic_file",
-    "cache_dir",
-    "check_writable",
-    "load_labelled",
-    "load_model",
-    "load_text",
-    "load_tokenizer",
-    "resolve_model",
-    "text_fingerprint",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY: dict[str, str] = {
+    "atomic_dir": "rankwise.io.atomic",
+    "atomic_file": "rankwise.io.atomic",
+    "check_writable": "rankwise.io.atomic",
+    "BUILTIN_MODELS": "rankwise.io.models",
+    "cache_dir": "rankwise.io.models",
+    "load_model": "rankwise.io.models",
+    "load_tokenizer": "rankwise.io.models",
+    "resolve_model": "rankwise.io.models",
+    "BUILTIN_TEXTS": "rankwise.io.texts",
+    "load_labelled": "rankwise.io.texts",
+    "load_text": "rankwise.io.texts",
+    "text_fingerprint": "rankwise.io.texts",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rankwise.io' has no attribute {name!r}")
