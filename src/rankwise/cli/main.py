@@ -77,13 +77,45 @@ def _quiet_scope(on: bool) -> Iterator[None]:
                 os.environ[k] = v
 
 
+class _OptionError(Exception):
+    """A RankwiseError raised by an option's type, carried past argparse.
+
+    RankwiseError is a ValueError, which argparse would swallow into a generic
+    "invalid value" message plus a usage block; this is not a ValueError, so it
+    reaches :func:`main`, which prints the type's own one-line message.
+    """
+
+
+def _carry_type_errors(parser: argparse.ArgumentParser) -> None:
+    """Wrap every option type of ``parser`` and its sub-parsers so RankwiseError becomes _OptionError."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                _carry_type_errors(sub)
+        elif callable(action.type) and not getattr(action.type, "_rankwise_carried", False):
+            action.type = _carrying(action.type)
+
+
+def _carrying(type_func):
+    def parse(value: str):
+        try:
+            return type_func(value)
+        except RankwiseError as exc:
+            raise _OptionError(str(exc)) from exc
+
+    parse._rankwise_carried = True  # type: ignore[attr-defined]
+    parse.__name__ = getattr(type_func, "__name__", "value")  # argparse names the type in its own errors
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(verb if verb in VERBS else "__none__")
+    _carry_type_errors(parser)
     try:
         args = parser.parse_args(argv)
-    except RankwiseError as exc:  # raised by argument types such as --ratio
+    except (_OptionError, RankwiseError) as exc:  # raised by argument types such as --ratio
         print(f"rankwise {verb}: error: {exc}", file=sys.stderr)
         return 2
     if args.verb is None:
