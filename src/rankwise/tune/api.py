@@ -21,6 +21,7 @@ from torch import nn
 
 from rankwise.errors import RankwiseError
 from rankwise.io.atomic import atomic_dir
+from rankwise.progress import progress as progress_bar
 from rankwise.surgery.lowrank import LowRankLinear
 from rankwise.surgery.modules import get_module, set_module
 from rankwise.surgery.targets import find_targets, is_matrix_module
@@ -140,10 +141,8 @@ def _attach(
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
-    from tqdm.auto import tqdm
-
-    it = tqdm(targets, desc=f"rankwise.tune {config.method} init", unit="layer", leave=False,
-              disable=None if progress and len(targets) > 8 else True)
+    it = progress_bar(targets, desc=f"rankwise.tune {config.method} init", unit="layer",
+                      enabled=progress and len(targets) > 8)
     done: list[tuple[str, nn.Module]] = []
     try:
         for name, mod in it:
