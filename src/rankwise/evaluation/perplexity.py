@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from rankwise.io.texts import text_fingerprint
 from rankwise.io.tokens import bos_id, eval_windows
+from rankwise.progress import progress as progress_bar
 
 
 @dataclass
@@ -51,11 +52,8 @@ def perplexity(
     was_training = model.training
     model.eval()
     total_nll, total_tok = 0.0, 0
-    batches = range(0, len(win), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc=f"perplexity {name}", unit="batch", leave=False)
+    batches = progress_bar(range(0, len(win), batch_size), desc=f"perplexity {name}", unit="batch",
+                           enabled=progress)
     for i in batches:
         x = win[i : i + batch_size].to(device)
         logits = model(input_ids=x).logits.float()

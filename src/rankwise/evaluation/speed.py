@@ -43,6 +43,7 @@ from torch import nn
 from rankwise.engine.metrics import break_even_rank
 from rankwise.errors import RankwiseError
 from rankwise.io.tokens import bos_id, encode
+from rankwise.progress import progress as progress_bar
 
 # --------------------------------------------------------------------------------------------
 # peak memory
@@ -257,11 +258,7 @@ def measure_speed(
     mem: dict[str, tuple[float, float, str]] = {}
     toks: dict[str, list[int]] = {}
     rounds = range(warmup + repeats)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(rounds) * len(names), desc="speed", unit="run", leave=False)
+    bar = progress_bar(len(rounds) * len(names), desc="speed", unit="run") if progress else None
     for r in rounds:
         order = names if r % 2 == 0 else names[::-1]
         for n in order:

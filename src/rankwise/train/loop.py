@@ -22,6 +22,7 @@ from torch import nn
 
 from rankwise.errors import RankwiseError
 from rankwise.io.tokens import sample_windows
+from rankwise.progress import progress as progress_bar
 from rankwise.train.memory import StateMemory, human_bytes, optimizer_state_bytes
 
 
@@ -105,11 +106,7 @@ def train_loop(
     state: StateMemory | None = None
     refresh = getattr(optimizer, "refresh_seconds", None)
     n_refresh0 = len(refresh) if isinstance(refresh, list) else 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc=desc, unit="step", dynamic_ncols=True)
+    bar = progress_bar(steps, desc=desc, unit="step", leave=True) if progress else None
     try:
         for step in range(1, steps + 1):
             t0 = time.perf_counter()

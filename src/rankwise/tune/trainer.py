@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from rankwise.errors import RankwiseError
+from rankwise.progress import progress as progress_bar
 from rankwise.tune.api import regularization_loss
 
 TASKS = ("lm", "classify")
@@ -62,6 +63,13 @@ class TrainConfig:
             raise RankwiseError(f"--seq-len must be >= 8, got {self.seq_len}.")
         if not self.lr > 0:
             raise RankwiseError(f"--lr must be positive, got {self.lr}.")
+        for flag, v in (("--lr", self.lr), ("--epochs", self.epochs)):
+            if v is not None and not math.isfinite(v):
+                raise RankwiseError(f"{flag} must be a finite number, got {v}.")
+        for flag, v in (("--eval-tokens", self.eval_tokens), ("--max-train", self.max_train),
+                        ("--max-eval", self.max_eval)):
+            if v is not None and v < 1:
+                raise RankwiseError(f"{flag} must be >= 1, got {v}.")
         return self
 
 
@@ -205,9 +213,7 @@ def train(model: nn.Module, data: LMData | ClassifyData, cfg: TrainConfig, progr
     device = next(model.parameters()).device
     model.train()
     losses: list[float] = []
-    from tqdm.auto import tqdm
-
-    bar = tqdm(range(steps), desc=f"tune {cfg.task}", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(range(steps), desc=f"tune {cfg.task}", unit="step", enabled=progress, leave=True)
     t0 = time.perf_counter()
     with PeakRSS() as mem:
         for _ in bar:
@@ -234,13 +240,10 @@ def train(model: nn.Module, data: LMData | ClassifyData, cfg: TrainConfig, progr
 def accuracy(model: nn.Module, tokenizer, texts: list[str], labels: list[int], seq_len: int = 256,
              batch_size: int = 16, progress: bool = True) -> float:
     """Fraction of ``texts`` whose argmax logit equals the label (texts truncated to ``seq_len`` tokens)."""
-    from tqdm.auto import tqdm
-
     model.eval()
     device = next(model.parameters()).device
     correct = 0
-    for i in tqdm(range(0, len(texts), batch_size), desc="accuracy", unit="batch", disable=not progress,
-                  leave=False):
+    for i in progress_bar(range(0, len(texts), batch_size), desc="accuracy", unit="batch", enabled=progress):
         enc = tokenizer(texts[i: i + batch_size], truncation=True, max_length=seq_len, padding=True,
                         return_tensors="pt").to(device)
         pred = model(**enc).logits.argmax(-1).cpu()
