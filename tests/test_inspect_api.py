@@ -47,7 +47,8 @@ def test_keys_and_values_match_direct_computation() -> None:
     planted(model)
     rep = inspect(model, CFG)
     d = rep.to_dict()
-    assert set(d) == {"model", "matrices", "summary"}
+    assert set(d) == {"model", "matrices", "summary", "settings"}
+    assert d["settings"]["threads"] == 1 and d["settings"]["device"] == "cpu" and d["settings"]["streamed"] is False
     assert len(d["matrices"]) == 14
     for row in d["matrices"]:
         assert list(row)[: len(MATRIX_KEYS)] == list(MATRIX_KEYS)
