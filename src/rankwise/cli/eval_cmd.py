@@ -78,10 +78,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.warmup < 0:
         raise RankwiseError(f"--warmup must be 0 or more, got {args.warmup}.")
-    if args.json not in (None, "-"):
-        from rankwise.io.atomic import check_writable
+    from rankwise.io.atomic import atomic_outputs
 
-        check_writable(args.json)
+    outputs = atomic_outputs(files=[args.json])  # checked now, before any model loads
     t_start = time.time()
     if args.threads:
         import torch
@@ -141,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(time.time() - t_start, 2),
     }
     _print_table(out)
-    write_json(out, args.json)
+    with outputs:
+        write_json(out, args.json)
     return 0
 
 

@@ -30,6 +30,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("rankwise.cli.eval_cmd", "perplexity, size and speed of a dense or compressed model"),
     "tune": ("rankwise.cli.tune_cmd", "fine-tune with spectral adapters (lora, pissa, svfit, ...)"),
     "train": ("rankwise.cli.train_cmd", "train with low-rank optimisers (GaLore, DCT, Fira) and callbacks"),
+    "quantize": ("rankwise.cli.quantize_cmd", "low-bit weights (RTN, GPTQ) with optional EoRA low-rank compensation"),
 }
 
 
@@ -86,6 +87,23 @@ class _OptionError(Exception):
     """
 
 
+def _strict_numbers(parser: argparse.ArgumentParser) -> None:
+    """Parse every plain ``type=float`` / ``type=int`` option of every verb strictly.
+
+    Floats must be finite (``--alpha inf``, ``--lr nan`` are errors), integers whole and 64-bit
+    (``--seed 2**70`` is an error), as options built from config dataclasses already are.
+    """
+    from rankwise.config import finite_float, whole_int
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                _strict_numbers(sub)
+        elif action.option_strings and action.type in (float, int):
+            flag = max(action.option_strings, key=len)
+            action.type = finite_float(flag) if action.type is float else whole_int(flag)
+
+
 def _carry_type_errors(parser: argparse.ArgumentParser) -> None:
     """Wrap every option type of ``parser`` and its sub-parsers so RankwiseError becomes _OptionError."""
     for action in parser._actions:
@@ -112,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(verb if verb in VERBS else "__none__")
+    _strict_numbers(parser)
     _carry_type_errors(parser)
     try:
         args = parser.parse_args(argv)
@@ -122,14 +141,45 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        with _quiet_scope(bool(getattr(args, "quiet", False))):
+        with _quiet_scope(bool(getattr(args, "quiet", False))), _sigterm_scope():
             return int(importlib.import_module(VERBS[args.verb][0]).run(args) or 0)
     except RankwiseError as exc:
         print(f"rankwise {args.verb}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the environment failed (disk, permissions, a vanished file): one line, not a traceback
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"rankwise {args.verb}: error: {exc.strerror or exc}{where}.", file=sys.stderr)
+        return 2
+    except _Terminated:
+        print(f"rankwise {args.verb}: terminated (SIGTERM); no partial output was kept.", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"rankwise {args.verb}: interrupted; no partial output was kept.", file=sys.stderr)
         return 130
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every ``finally`` / atomic-output clean-up runs (rather than dying at once)."""
+
+
+@contextlib.contextmanager
+def _sigterm_scope() -> Iterator[None]:
+    """Turn SIGTERM into :class:`_Terminated` for one verb run (main thread only); the old handler is restored."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,13 @@ def _check(args: argparse.Namespace) -> None:
         check_gap(args.update_gap)
     if args.lr is not None and args.lr <= 0:
         raise RankwiseError(f"--lr must be positive, got {args.lr}.")
+    for flag, value in (("--weight-decay", args.weight_decay), ("--eval-tokens", args.eval_tokens)):
+        if value < 0:
+            raise RankwiseError(f"{flag} must be 0 or more, got {value}.")
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len),
+                        ("--eval-seq-len", args.eval_seq_len)):
+        if value < 1:
+            raise RankwiseError(f"{flag} must be at least 1, got {value}.")
     p = check_writable(args.out, is_dir=True)
     if p.exists() and not args.overwrite:
         raise RankwiseError(f"output folder {p} already exists; pass --overwrite or another --out.")
@@ -128,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from rankwise.cli.common import console, write_json
-    from rankwise.io.atomic import atomic_dir
+    from rankwise.io.atomic import atomic_dir, atomic_outputs
     from rankwise.io.checkpoint import factorised_layers
     from rankwise.io.checkpoint import save as save_checkpoint
     from rankwise.io.texts import load_text
@@ -136,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
     from rankwise.train.memory import human_bytes
 
     _check(args)
+    outputs = atomic_outputs(dirs=[args.out], files=[args.json], overwrite=args.overwrite)  # put in place together
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -185,15 +193,16 @@ def run(args: argparse.Namespace) -> int:
         "callback_events": result.events,
     }
     meta = {"method": f"train:{args.optimizer}" + (f"+{args.callback}" if args.callback else ""), "train": summary}
-    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
-        if layers:
-            save_checkpoint(model, tmp, meta=meta, tokenizer=tok, overwrite=True)
-        else:
-            model.save_pretrained(str(tmp))
-            tok.save_pretrained(str(tmp))
-        write_json(summary, str(tmp / "train.json"))
-    if args.json:
-        write_json(summary, args.json)
+    with outputs:
+        with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+            if layers:
+                save_checkpoint(model, tmp, meta=meta, tokenizer=tok, overwrite=True)
+            else:
+                model.save_pretrained(str(tmp))
+                tok.save_pretrained(str(tmp))
+            write_json(summary, str(tmp / "train.json"))
+        if args.json:
+            write_json(summary, args.json)
     st = result.state
     console.print(
         f"[bold]rankwise train[/bold] {args.optimizer}: {result.steps} steps x {args.batch_size}x{args.seq_len} "

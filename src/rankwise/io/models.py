@@ -191,7 +191,7 @@ def load_model(
     if is_rankwise_checkpoint(path):
         from rankwise.io.checkpoint import load as load_checkpoint
 
-        return load_checkpoint(path)
+        return check_finite(load_checkpoint(path), path)
     auto = {
         "causal-lm": transformers.AutoModelForCausalLM,
         "classify": transformers.AutoModelForSequenceClassification,
@@ -213,4 +213,15 @@ def load_model(
             ) from exc
         raise RankwiseError(f"cannot load a {task} model from {path}: {msg}") from exc
     model.eval()
+    return check_finite(model, path)
+
+
+def check_finite(model, source: str | os.PathLike = "the model"):
+    """``model`` itself, or a one-line error naming the first parameter holding NaN/Inf (every verb loads here)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and p.device.type != "meta" and p.numel() and not bool(torch.isfinite(p).all()):
+                bad = int((~torch.isfinite(p)).sum())
+                raise RankwiseError(f"{source}: weight {name} holds {bad} NaN/Inf value(s) (of {p.numel()}); "
+                                    "the model is broken, re-save or re-download it.")
     return model
