@@ -24,6 +24,7 @@ from torch import nn
 
 from rankwise.compression.calibration.blocks import capture_block_inputs, find_blocks, initial_hiddens, run_block
 from rankwise.compression.calibration.stats import LayerStats, StatsCollector
+from rankwise.engine.svd import thin_svd
 from rankwise.engine.whitening import inverse_sqrt_factor
 from rankwise.errors import RankwiseError
 from rankwise.surgery.modules import set_module
@@ -145,7 +146,7 @@ def eora_factors(
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
         raise RankwiseError(f"rank must be an integer from 1 to {min(m, n)} for a {m}×{n} matrix, got {rank!r}.")
     S, S_inv = inverse_sqrt_factor(xtx.to(d.device))
-    U, sigma, Vh = torch.linalg.svd(d @ S, full_matrices=False)
+    U, sigma, Vh = thin_svd(d @ S)
     root = sigma[:rank].sqrt()
     B = U[:, :rank] * root
     A = (root[:, None] * Vh[:rank]) @ S_inv

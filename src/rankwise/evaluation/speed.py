@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rankwise.engine.linalg import least_squares
 from rankwise.engine.metrics import break_even_rank
 from rankwise.errors import RankwiseError
 from rankwise.io.tokens import bos_id, encode
@@ -408,7 +409,7 @@ def fit_cost_model(samples: Sequence[tuple[int, int, int | None, float]], tokens
     a = torch.tensor(rows, dtype=torch.float64)
     y = torch.tensor(ys, dtype=torch.float64)
     wgt = 1.0 / y
-    sol = torch.linalg.lstsq(a * wgt[:, None], y * wgt).solution
+    sol = least_squares(a * wgt[:, None], y * wgt)
     o, inv_r, inv_re = (float(v) for v in sol)
     o = max(o, 0.0)
     inv_r = max(inv_r, 1e-18)

@@ -34,7 +34,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from rankwise.engine.metrics import break_even_rank, energy_rank, stable_rank
-from rankwise.engine.svd import spectra
+from rankwise.engine.svd import spectra, thin_svd
 from rankwise.errors import RankwiseError
 from rankwise.surgery.lowrank import LowRankLinear
 from rankwise.surgery.modules import set_module
@@ -177,7 +177,7 @@ class TRP(_RankCallback):
             if isinstance(t.module, LowRankLinear):
                 continue
             w = t.weight()
-            u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
+            u, s, vh = thin_svd(w.float())
             if shrink:
                 s = (s - self.lam * self.penalty_every).clamp_min(0.0)
             k = len(s)
@@ -198,7 +198,7 @@ class TRP(_RankCallback):
             if isinstance(t.module, LowRankLinear):
                 continue
             w = t.weight().float()
-            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            u, s, vh = thin_svd(w)
             k = max(1, energy_rank(s, self.energy))
             m, n = t.shape
             if k >= break_even_rank(m, n):

@@ -47,6 +47,7 @@ from rankwise.train.projector import (
     check_rank,
     dct_basis,
 )
+from rankwise.train.sharded import RowShard, canonical_signs, is_sharded, local, projected_step_sharded
 
 DEFAULT_RANK = 128
 DEFAULT_GAP = 200
@@ -76,6 +77,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         niter: int = 1,
         seed: int = 0,
         eps_style: str = "torch",
+        canonical_signs: bool = False,
     ) -> None:
         if lr < 0.0:
             raise RankwiseError(f"learning rate must be >= 0, got {lr}.")
@@ -101,6 +103,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             "niter": niter,
             "seed": seed,
             "eps_style": eps_style,
+            "canonical_signs": canonical_signs,
         }
         self.refresh_seconds: list[float] = []
         super().__init__(params, defaults)
@@ -157,16 +160,18 @@ class GaLoreAdamW(torch.optim.Optimizer):
     # -------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One optimisation step (see the module docstring for the update)."""
+        """One optimisation step (see the module docstring for the update).
+
+        Parameters that are DTensors sharded by rows (FSDP2's ``fully_shard``) are updated from their
+        local shards (:mod:`rankwise.train.sharded`): no process gathers a whole gradient except for a
+        left-side projection refresh.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
             lr = group["lr"]
-            beta1, beta2 = group["betas"]
-            eps = group["eps"]
-            wd = group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -177,57 +182,82 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 if "step" not in state:
                     state["step"] = 0
                 projected = self.is_projected(p, group)
+                if is_sharded(p):
+                    p_local, g_local = local(p), local(g)
+                    if projected:
+                        projected_step_sharded(self, p_local, g_local, self._projector(p, group), state, group,
+                                               RowShard.of(p))
+                        continue
+                    p, g = p_local, g_local
                 if projected:
                     proj = self._projector(p, group)
                     has = "proj_basis" in state or "proj_indices" in state
                     if not has or state["step"] % group["update_proj_gap"] == 0:
                         self.refresh_seconds.append(proj.refresh(g, state, state["step"]))
+                        if group.get("canonical_signs") and "proj_basis" in state:
+                            state["proj_basis"] = canonical_signs(state["proj_basis"])
                     q = proj.basis(state, g)
                     r = proj.project(g, q)
                 else:
                     r = g
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(r, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(r, memory_format=torch.preserve_format)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                if exp_avg.shape != r.shape:
-                    raise RankwiseError(
-                        f"optimizer state holds moments of shape {tuple(exp_avg.shape)} but the projected "
-                        f"gradient has shape {tuple(r.shape)}; the state was saved with another rank or model."
-                    )
-                state["step"] += 1
-                t = state["step"]
-                galore_eps = group.get("eps_style", "torch") == "galore"
-                if wd != 0.0 and not galore_eps:
-                    p.mul_(1.0 - lr * wd)
-                exp_avg.lerp_(r, 1.0 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(r, r, value=1.0 - beta2)
-                if group["correct_bias"]:
-                    bc1 = 1.0 - beta1**t
-                    bc2_sqrt = math.sqrt(1.0 - beta2**t)
-                else:
-                    bc1, bc2_sqrt = 1.0, 1.0
-                if galore_eps:  # galore-torch / old transformers AdamW: m/(√v + ε) times √(1−β₂ᵗ)/(1−β₁ᵗ)
-                    denom = exp_avg_sq.sqrt().add_(eps)
-                    step_factor = bc2_sqrt / bc1
-                else:  # torch.optim.AdamW: m̂/(√v̂ + ε)
-                    denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
-                    step_factor = 1.0 / bc1
+                n = self._adam_moments(p, r, state, group)
                 if not projected:
-                    p.addcdiv_(exp_avg, denom, value=-lr * step_factor)
-                    if wd != 0.0 and galore_eps:
-                        p.add_(p, alpha=-lr * wd)
                     continue
-                n = exp_avg / denom
-                if step_factor != 1.0:
-                    n.mul_(step_factor)
                 update = proj.project_back(n, q)
                 if group["fira"]:
                     update.add_(self._fira_residual(g, r, n, q, proj, state, group["fira_limit"]))
                 p.add_(update, alpha=-lr * group["scale"])
-                if wd != 0.0 and galore_eps:
-                    p.add_(p, alpha=-lr * wd)
+                if group["weight_decay"] != 0.0 and group.get("eps_style", "torch") == "galore":
+                    p.add_(p, alpha=-lr * group["weight_decay"])
         return loss
+
+    def _adam_moments(self, p: torch.Tensor, r: torch.Tensor, state: dict, group: dict) -> torch.Tensor | None:
+        """Advance the Adam moments of ``r`` and apply decoupled weight decay (torch style) to ``p``.
+
+        For a plain parameter (``r`` is its gradient) the AdamW update is applied here and None returned;
+        for a projected one the normalised, bias-corrected direction N (the shape of ``r``) is returned.
+        """
+        lr = group["lr"]
+        beta1, beta2 = group["betas"]
+        eps = group["eps"]
+        wd = group["weight_decay"]
+        projected = self.is_projected(p, group)
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(r, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(r, memory_format=torch.preserve_format)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        if exp_avg.shape != r.shape:
+            raise RankwiseError(
+                f"optimizer state holds moments of shape {tuple(exp_avg.shape)} but the projected "
+                f"gradient has shape {tuple(r.shape)}; the state was saved with another rank or model."
+            )
+        state["step"] += 1
+        t = state["step"]
+        galore_eps = group.get("eps_style", "torch") == "galore"
+        if wd != 0.0 and not galore_eps:
+            p.mul_(1.0 - lr * wd)
+        exp_avg.lerp_(r, 1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(r, r, value=1.0 - beta2)
+        if group["correct_bias"]:
+            bc1 = 1.0 - beta1**t
+            bc2_sqrt = math.sqrt(1.0 - beta2**t)
+        else:
+            bc1, bc2_sqrt = 1.0, 1.0
+        if galore_eps:  # galore-torch / old transformers AdamW: m/(√v + ε) times √(1−β₂ᵗ)/(1−β₁ᵗ)
+            denom = exp_avg_sq.sqrt().add_(eps)
+            step_factor = bc2_sqrt / bc1
+        else:  # torch.optim.AdamW: m̂/(√v̂ + ε)
+            denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+            step_factor = 1.0 / bc1
+        if not projected:
+            p.addcdiv_(exp_avg, denom, value=-lr * step_factor)
+            if wd != 0.0 and galore_eps:
+                p.add_(p, alpha=-lr * wd)
+            return None
+        n = exp_avg / denom
+        if step_factor != 1.0:
+            n.mul_(step_factor)
+        return n
 
     @staticmethod
     def _fira_residual(
@@ -311,7 +341,10 @@ def galore_param_groups(
     update_proj_gap = check_gap(update_proj_gap)
     if projection is not None:
         check_projection(projection)
-    found = find_targets(model, targets, exclude)
+    if any(is_sharded(p) for p in model.parameters()):
+        found = _sharded_targets(model, targets, exclude)
+    else:
+        found = find_targets(model, targets, exclude)
     lowrank: list[nn.Parameter] = []
     seen: set[int] = set()
     for t in found:
@@ -337,3 +370,24 @@ def galore_param_groups(
     if rest:
         groups.insert(0, {"params": rest})
     return groups
+
+
+def _sharded_targets(model: nn.Module, targets: str | None, exclude: str | None) -> list:
+    """``find_targets`` for a model whose parameters are DTensors (FSDP2).
+
+    ``find_targets`` recognises tied weights by their data pointer, which a DTensor does not have
+    (every one reads 0); here the LM head and matrices tied to the input embeddings are left out by
+    parameter identity (Hugging Face ties by sharing the Parameter object).
+    """
+    from rankwise.surgery.targets import find_targets
+
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = {id(emb.weight)} if emb is not None and getattr(emb, "weight", None) is not None else set()
+    found = [
+        t for t in find_targets(model, targets, exclude, include_heads=True)
+        if t.module is not head and id(t.module.weight) not in tied
+    ]
+    if not found:
+        raise RankwiseError("no target matrices are left once the LM head and tied embeddings are excluded.")
+    return found

@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from rankwise.engine.linalg import orthonormal_basis
+from rankwise.engine.svd import thin_svd
 from rankwise.errors import RankwiseError
 
 PROJECTIONS = ("svd", "randomized", "dct")
@@ -122,7 +124,7 @@ def projection_side(shape: tuple[int, int], proj_type: str = "std") -> str:
 
 def _top_singular_vectors(g: torch.Tensor, rank: int, side: str) -> torch.Tensor:
     """Exact top-r left (side='left', m×r) or right (n×r) singular vectors of g."""
-    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    u, _, vh = thin_svd(g)
     return u[:, :rank].contiguous() if side == "left" else vh[:rank].T.contiguous()
 
 
@@ -136,11 +138,11 @@ def _randomized_range(
     omega = torch.randn(e, q, generator=generator, dtype=a.dtype, device="cpu").to(a.device)
     y = a @ omega
     for _ in range(niter):
-        y, _ = torch.linalg.qr(y)
+        y = orthonormal_basis(y)
         y = a @ (a.T @ y)
-    basis, _ = torch.linalg.qr(y)
+    basis = orthonormal_basis(y)
     small = basis.T @ a  # q×e
-    ub, _, _ = torch.linalg.svd(small, full_matrices=False)
+    ub, _, _ = thin_svd(small)
     return (basis @ ub[:, :rank]).contiguous()
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rankwise.engine.linalg import lu_decompose
 from rankwise.tune.base import AdapterLayer, decomposition_threads
 from rankwise.tune.config import AdapterConfig
 
@@ -22,7 +23,7 @@ from rankwise.tune.config import AdapterConfig
 def ldu_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """((PL)_r m×r, d_r, U_r r×n) of the pivoted LU of ``w`` (float32)."""
     with decomposition_threads(*w.shape):
-        p, lower, upper = torch.linalg.lu(w.float())
+        p, lower, upper = lu_decompose(w.float())
     pl = (p @ lower)[:, :rank]
     diag = torch.diagonal(upper)[:rank].clone()
     up = upper[:rank].clone()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.engine.metrics import energy_rank
+from rankwise.engine.svd import singular_values
 from rankwise.errors import RankwiseError
 from rankwise.tune.base import AdapterLayer, decomposition_threads
 from rankwise.tune.config import AdapterConfig
@@ -24,7 +25,7 @@ from rankwise.tune.pissa import top_svd
 def auto_rank(w: torch.Tensor, energy: float) -> int:
     """Energy rank r_τ of ``w``, clamped to [1, min(m, n) − 1]."""
     with decomposition_threads(*w.shape):
-        s = torch.linalg.svdvals(w.float())
+        s = singular_values(w.float())
     return max(1, min(energy_rank(s, energy), min(w.shape) - 1))
 
 

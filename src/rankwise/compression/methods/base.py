@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from rankwise.compression.calibration.stats import LayerStats
+from rankwise.engine.svd import singular_values, thin_svd
 
 
 @dataclass
@@ -102,8 +103,8 @@ class Method:
         svd_dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
         M = t.M.to(svd_dtype)
         if not vectors:
-            return Prepared(S=torch.linalg.svdvals(M).to(torch.float64), out_inv=t.out_inv, in_inv=t.in_inv)
-        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+            return Prepared(S=singular_values(M).to(torch.float64), out_inv=t.out_inv, in_inv=t.in_inv)
+        U, S, Vh = thin_svd(M)
         return Prepared(
             S=S.to(torch.float64), U=U.to(torch.float64), Vh=Vh.to(torch.float64), out_inv=t.out_inv, in_inv=t.in_inv
         )

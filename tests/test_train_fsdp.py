@@ -1,0 +1,103 @@
+"""GaLoreAdamW under FSDP2 (fully_shard, 2 gloo processes on CPU) equals GaLoreAdamW under DDP.
+
+FSDP hands the optimizer row shards of every gradient; the projection comes from the all-reduced Gram
+matrix (right side), the sharded range finder or DCT scores, or a refresh-time gather (left side), and
+the Adam moments stay sharded. DDP hands it the whole averaged gradient. Same data, same seeds: the
+parameters after several steps with projection refreshes must agree to float tolerance.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+VARIANTS = [("svd", False), ("randomized", True), ("dct", False)]  # Fira on the sharded range finder
+STEPS = 5  # refreshes at steps 0, 2, 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)  # the same init on every process
+    # k/v (16×32) and down (32×75) project on the left, the others on the right; 75 rows (gate/up) and
+    # 75 columns (down) and the 65-row embedding split unevenly over 2 processes
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=75, num_attention_heads=4,
+                                        num_key_value_heads=2, num_hidden_layers=1, vocab_size=65))
+
+
+def _run(model, opt, rank: int) -> list[float]:
+    g = torch.Generator().manual_seed(100 + rank)  # different data on each process
+    losses = []
+    for _ in range(STEPS):
+        x = torch.randint(0, 65, (2, 12), generator=g)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from rankwise.train import GaLoreAdamW, galore_param_groups
+    from rankwise.train.memory import optimizer_state_bytes
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {}
+        for projection, fira in VARIANTS:
+            kw = {"rank": 4, "update_proj_gap": 2, "projection": projection, "fira": fira}
+            ref = _model()
+            opt_ref = GaLoreAdamW(galore_param_groups(ref, **kw), lr=1e-2, weight_decay=0.01, canonical_signs=True)
+            ddp_losses = _run(DDP(ref), opt_ref, rank)
+            model = _model()
+            for layer in model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+            opt = GaLoreAdamW(galore_param_groups(model, **kw), lr=1e-2, weight_decay=0.01)
+            fsdp_losses = _run(model, opt, rank)
+            full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+            results[f"{projection}-{fira}"] = {
+                "ddp": {n: p.detach().clone() for n, p in ref.named_parameters()},
+                "fsdp": full,
+                "losses": (ddp_losses, fsdp_losses),
+                "state_bytes": (optimizer_state_bytes(opt_ref).total, optimizer_state_bytes(opt).total),
+            }
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_fsdp_equals_ddp(tmp_path) -> None:
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    init = dict(_model().named_parameters())
+    for key, res in r0.items():
+        for name, ref in res["ddp"].items():
+            torch.testing.assert_close(res["fsdp"][name], ref, atol=2e-5, rtol=1e-4, msg=f"{key}: {name}")
+            torch.testing.assert_close(r1[key]["fsdp"][name], ref, atol=2e-5, rtol=1e-4, msg=f"{key}: {name}")
+        moved = max(float((res["ddp"][n] - p.detach()).abs().max()) for n, p in init.items())
+        assert moved > 1e-3, key  # training did move the weights
+        ddp_losses, fsdp_losses = res["losses"]
+        assert fsdp_losses == pytest.approx(ddp_losses, rel=1e-4, abs=1e-5), key
+        # every process keeps about half of the optimizer state (moments sharded with the parameters)
+        ddp_bytes, fsdp_bytes = res["state_bytes"]
+        assert fsdp_bytes < 0.6 * ddp_bytes, (key, fsdp_bytes, ddp_bytes)
