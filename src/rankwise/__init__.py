@@ -41,6 +41,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "CompressConfig": ("rankwise.compression.api", "CompressConfig"),
     "CompressResult": ("rankwise.compression.api", "CompressResult"),
     "perplexity": ("rankwise.evaluation.perplexity", "perplexity"),
+    "quantize": ("rankwise.quantization.api", "quantize"),
+    "QuantizeConfig": ("rankwise.quantization.api", "QuantizeConfig"),
     "tune": ("rankwise.tune", None),
     "train": ("rankwise.train", None),
 }

@@ -1,0 +1,101 @@
+"""``rankwise quantize``: low-bit weights (RTN or GPTQ) with optional EoRA compensation, saved as a rankwise folder.
+
+With only ``--out`` it runs the best setting we measured (the defaults of
+:class:`rankwise.quantization.api.QuantizeConfig`) on the built-in SmolLM2-135M with
+PTB-train calibration. On a ``rankwise compress`` output it quantises the low-rank
+factors. The output folder is written atomically; an existing folder is refused unless
+``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from rankwise.cli.common import console, write_json
+from rankwise.config import add_config_arguments, config_from_args
+from rankwise.errors import RankwiseError
+from rankwise.quantization.api import QuantizeConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=None,
+                        help="built-in name, HF folder or rankwise compress output (default: smollm2-135m)")
+    add_config_arguments(parser, QuantizeConfig)
+    parser.add_argument("--out", required=True, help="output folder (a rankwise checkpoint with packed weights)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--export-dense", default=None, metavar="DIR",
+                        help="also write a plain HF folder (dequantised weights) that from_pretrained loads")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON ('-' = stdout)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rankwise.io.atomic import check_writable
+    from rankwise.io.models import load_model, load_tokenizer, resolve_model
+    from rankwise.quantization.api import quantize
+    from rankwise.quantization.io import export_dense, is_quantized_folder, save_quantized
+
+    config = config_from_args(QuantizeConfig, args)  # validates every option first
+    out = check_writable(args.out, is_dir=True)
+    if out.exists() and not args.overwrite:
+        raise RankwiseError(f"output folder {out} already exists; pass --overwrite or another --out.")
+    if args.export_dense:
+        dense_out = check_writable(args.export_dense, is_dir=True)
+        if dense_out.exists() and not args.overwrite:
+            raise RankwiseError(f"output folder {dense_out} already exists; pass --overwrite or another folder.")
+        if dense_out.resolve() == out.resolve():
+            raise RankwiseError("--export-dense must differ from --out.")
+    src = resolve_model(args.model)
+    if is_quantized_folder(src):
+        raise RankwiseError(f"{src} is already quantised; quantise the original (or `rankwise compress`) folder.")
+    t0 = time.perf_counter()
+    with console.status(f"loading {args.model or 'smollm2-135m'} …"):
+        model = load_model(args.model)
+        tok = load_tokenizer(args.model)
+    load_s = time.perf_counter() - t0
+    calib = f"{config.calib} ({config.calib_samples}×{config.seq_len} tokens)" if (
+        config.method == "gptq" or config.eora_rank) else "none needed"
+    console.print(f"quantizing with [bold]{config.method}[/bold] to {config.bits} bits, groups of "
+                  f"{config.group_size}" + (f", EoRA rank {config.eora_rank}" if config.eora_rank else "")
+                  + f"; calibration: {calib}")
+    result = quantize(model, config, tokenizer=tok)
+    t1 = time.perf_counter()
+    with console.status(f"saving {out} …"):
+        save_quantized(model, out, tokenizer=tok, overwrite=args.overwrite)
+        if args.export_dense:
+            export_dense(model, args.export_dense, tokenizer=tok, overwrite=args.overwrite)
+    save_s = time.perf_counter() - t1
+    _table(result, load_s, save_s, Path(out), args.export_dense)
+    if args.json:
+        data = result.to_dict()
+        data["out"] = str(out)
+        write_json(data, args.json)
+    return 0
+
+
+def _folder_bytes(path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*.safetensors"))
+
+
+def _table(result, load_s: float, save_s: float, out, dense_dir) -> None:
+    from rich.table import Table
+
+    table = Table(title="rankwise quantize", show_header=True)
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_row("method / bits / group size", f"{result.method} / {result.bits} / {result.group_size}")
+    table.add_row("EoRA rank", str(result.eora_rank or "none"))
+    table.add_row("quantised matrices", str(len(result.layers)))
+    if result.mean_rel_err is not None:
+        table.add_row("mean relative output error (calibration)", f"{result.mean_rel_err:.4g}")
+    table.add_row("tensor bytes before → after", f"{result.bytes_before / 2**20:,.1f} MiB → "
+                  f"{result.bytes_after / 2**20:,.1f} MiB ({result.bytes_after / result.bytes_before:.3f}×)")
+    table.add_row("weights on disk", f"{_folder_bytes(out) / 2**20:,.1f} MiB")
+    if result.calibration:
+        c = result.calibration
+        table.add_row("calibration", f"{c.get('text')} ({c.get('samples')}×{c.get('seq_len')}, seed {c.get('seed')})")
+    table.add_row("time: load / quantize / save", f"{load_s:.1f} s / {result.seconds:.1f} s / {save_s:.1f} s")
+    table.add_row("written", str(out) + (f" (+ dense {dense_dir})" if dense_dir else ""))
+    console.print(table)
