@@ -161,7 +161,7 @@ def test_save_load_export_dense_round_trip(tmp_path: Path, builder, vocab: int) 
     from safetensors.torch import load_file
 
     state = load_file(str(tmp_path / "ck" / "model.safetensors"))
-    assert f"{names[0]}.A" in state and state[f"{names[0]}.A"].shape[0] == 5
+    assert f"{names[0]}.A.weight" in state and state[f"{names[0]}.A.weight"].shape[0] == 5
     loaded = load(tmp_path / "ck")
     assert factorised_layers(loaded) == factorised_layers(model)
     assert torch.allclose(_logits(loaded, vocab), ref, atol=1e-5)

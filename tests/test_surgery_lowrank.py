@@ -109,13 +109,13 @@ def test_from_linear_exact_at_full_rank_and_eckart_young_at_rank_k(kind: str) ->
     s = torch.linalg.svdvals(w)
     for k in (1, 4, 9):
         lr = LowRankLinear.from_linear(layer, rank=k)
-        assert lr.A.shape == (k, n) and lr.B.shape == (m, k)
+        assert lr.A.weight.shape == (k, n) and lr.B.weight.shape == (m, k)
         assert lr.num_params == k * (m + n)
         err = torch.linalg.matrix_norm(lr.dense_weight().double() - w)
         optimal = s[k:].pow(2).sum().sqrt()  # Eckart–Young: the tail of the spectrum
         assert float(err) == pytest.approx(float(optimal), rel=1e-4)
         # the factors share the scale: B = U√Σ, A = √Σ Vᵀ
-        assert torch.allclose(lr.B.norm(dim=0), lr.A.norm(dim=1), rtol=1e-4)
+        assert torch.allclose(lr.B.weight.norm(dim=0), lr.A.weight.norm(dim=1), rtol=1e-4)
     # randomized SVD path gives (nearly) the same error
     lr_r = LowRankLinear.from_linear(layer, rank=4, svd="randomized", niter=4)
     err_r = torch.linalg.matrix_norm(lr_r.dense_weight().double() - w)
@@ -129,7 +129,7 @@ def test_from_linear_exact_at_full_rank_and_eckart_young_at_rank_k(kind: str) ->
 
 def test_lowrank_init_and_from_factors() -> None:
     layer = LowRankLinear(8, 6, rank=3, bias=False)
-    assert torch.count_nonzero(layer.B) == 0  # B = 0: the layer starts as the zero map
+    assert torch.count_nonzero(layer.B.weight) == 0  # B = 0: the layer starts as the zero map
     assert torch.equal(layer(torch.randn(2, 8)), torch.zeros(2, 6))
     b, a = torch.randn(6, 3), torch.randn(3, 8)
     f = LowRankLinear.from_factors(b, a, bias=torch.ones(6))

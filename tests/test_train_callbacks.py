@@ -123,11 +123,11 @@ def test_cuttlefish_switches_at_the_stable_rank_once_it_settles() -> None:
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
     # the optimizer now trains the factors, not the dropped dense weight
     held = {id(p) for g in opt.param_groups for p in g["params"]}
-    assert id(old_w0) not in held and id(model[0].A) in held and id(model[0].B) in held
-    a_before = model[0].A.detach().clone()
+    assert id(old_w0) not in held and id(model[0].A.weight) in held and id(model[0].B.weight) in held
+    a_before = model[0].A.weight.detach().clone()
     opt.param_groups[0]["lr"] = 1e-3
     train_steps(model, opt, [cb], 4, 1)
-    assert not torch.equal(model[0].A.detach(), a_before)
+    assert not torch.equal(model[0].A.weight.detach(), a_before)
 
 
 def test_cuttlefish_waits_while_the_stable_rank_moves() -> None:
@@ -170,9 +170,9 @@ def test_cuttlefish_moves_factors_out_of_a_galore_group() -> None:
     assert isinstance(model[0], LowRankLinear)
     assert opt.param_groups[1]["params"] == []  # the dense weights left the low-rank group
     plain = {id(p) for p in opt.param_groups[0]["params"]}
-    assert {id(model[0].A), id(model[0].B), id(model[2].A), id(model[2].B)} <= plain
+    assert {id(model[0].A.weight), id(model[0].B.weight), id(model[2].A.weight), id(model[2].B.weight)} <= plain
     train_steps(model, opt, [cb], 4, 1)  # and it keeps training
-    assert "exp_avg" in opt.state[model[0].A]
+    assert "exp_avg" in opt.state[model[0].A.weight]
 
 
 # ----------------------------------------------------------------------------- errors

@@ -14,7 +14,6 @@ Everything is written to a temporary folder and renamed at the end.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
@@ -25,8 +24,9 @@ from torch import nn
 
 from rankwise.errors import RankwiseError
 from rankwise.io.atomic import atomic_dir
-from rankwise.surgery.lowrank import LowRankLinear
+from rankwise.surgery.layers import build_layer, layer_map
 from rankwise.surgery.modules import get_module, set_module
+from rankwise.surgery.modules import to_dense as to_dense
 from rankwise.surgery.targets import Target, is_matrix_module
 
 FORMAT = "rankwise-lowrank/1"
@@ -40,18 +40,18 @@ def _version() -> str:
 
 
 def factorised_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """{module name: {rank, in, out, bias, kind}} for every LowRankLinear in ``model``."""
-    return {
-        name: {
-            "rank": mod.rank,
-            "in_features": mod.in_features,
-            "out_features": mod.out_features,
-            "bias": mod.bias is not None,
-            "kind": mod.orig_kind,
-        }
-        for name, mod in model.named_modules()
-        if isinstance(mod, LowRankLinear)
-    }
+    """{module name: spec} for every factorised layer (LowRankLinear, ...) in ``model``."""
+    return layer_map(model)
+
+
+def convert_old_keys(state: dict[str, torch.Tensor], layers: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Rename round-1 keys (``name.A``, ``name.B``, ``name.bias``) of factorised layers to ``name.A.weight``,
+    ``name.B.weight``, ``name.B.bias`` (the two-``nn.Linear`` layout); other keys pass through."""
+    for name in layers:
+        for old, new in ((".A", ".A.weight"), (".B", ".B.weight"), (".bias", ".B.bias")):
+            if name + old in state and name + new not in state:
+                state[name + new] = state.pop(name + old)
+    return state
 
 
 def _save_tokenizer(model: nn.Module, dest: Path, tokenizer=None) -> None:
@@ -146,7 +146,9 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module
         layers = meta["layers"]
     except (json.JSONDecodeError, KeyError) as exc:
         raise RankwiseError(f"{meta_file} is unreadable or incomplete ({exc}); write the checkpoint again.") from exc
-    state = _read_state_dict(folder)
+    if not isinstance(layers, dict):
+        raise RankwiseError(f"{meta_file} has a layer map of type {type(layers).__name__}; write the checkpoint again.")
+    state = convert_old_keys(_read_state_dict(folder), layers)
     model = _build_empty(folder)
     for name, spec in layers.items():
         try:
@@ -156,20 +158,17 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module
         if not is_matrix_module(old):
             raise RankwiseError(f"{META_FILE} names {name!r}, which is not a linear layer.")
         m, n = Target(name, old).shape
-        k = int(spec["rank"])
-        a, b = state.get(f"{name}.A"), state.get(f"{name}.B")
+        a = state.get(f"{name}.A.weight")
+        new = build_layer(name, spec, dtype=a.dtype if a is not None else None)
+        k = new.rank
+        b = state.get(f"{name}.B.weight")
         if a is None or b is None or tuple(a.shape) != (k, n) or tuple(b.shape) != (m, k):
             got = (None if a is None else tuple(a.shape), None if b is None else tuple(b.shape))
             raise RankwiseError(
                 f"tensors of {name} do not match the rank map (rank {k} needs A {(k, n)} and B {(m, k)}, "
                 f"found {got}); the checkpoint is inconsistent, write it again."
             )
-        set_module(
-            model,
-            name,
-            LowRankLinear(n, m, k, bias=bool(spec.get("bias")), orig_kind=spec.get("kind", "linear"),
-                          dtype=a.dtype),
-        )
+        set_module(model, name, new)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set()
     if getattr(model.config, "tie_word_embeddings", False):
@@ -190,16 +189,6 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module
     model.eval()
     model.rankwise_meta = meta
     model.config._name_or_path = str(folder)
-    return model
-
-
-def to_dense(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Replace every LowRankLinear by the dense layer B A (Linear or Conv1D, as it was)."""
-    if not inplace:
-        model = copy.deepcopy(model)
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, LowRankLinear):
-            set_module(model, name, mod.to_dense())
     return model
 
 

@@ -1,23 +1,44 @@
-"""``LowRankLinear``: y = B (A x) + b, the factorised replacement of a dense layer."""
+"""``LowRankLinear``: y = B (A x) + b, the factorised replacement of a dense layer.
+
+The layer is made of two standard ``nn.Linear`` children, ``A`` (in → k, no bias)
+and ``B`` (k → out, carrying the bias), so libraries that find or swap linear
+layers by type (PEFT's ``target_modules="all-linear"``, torchao, bitsandbytes)
+see and wrap the factors. State-dict keys are ``<name>.A.weight`` (k×n),
+``<name>.B.weight`` (m×k) and ``<name>.B.bias``.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rankwise.engine.svd import truncated_svd
+from rankwise.errors import RankwiseError
 from rankwise.surgery.targets import Conv1D, Target
+
+LAYER_KINDS = ("linear", "conv1d")
+
+
+def _positive_int(spec: dict[str, Any], key: str, where: str) -> int:
+    v = spec.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise RankwiseError(f"{where}: {key} must be a positive integer, got {v!r}; the rank map is corrupt.")
+    return v
 
 
 class LowRankLinear(nn.Module):
     """A rank-k linear map W ≈ B A with B (out×k) and A (k×in), plus an optional bias.
 
-    Parameters are named ``A``, ``B`` and ``bias`` so a state dict stores them
-    under the original module name (``...q_proj.A``). ``orig_kind`` remembers
-    whether the layer it replaced was an ``nn.Linear`` or a GPT-2 ``Conv1D`` so
-    :meth:`to_dense` can give back the same kind of module.
+    ``A = nn.Linear(in, k, bias=False)`` and ``B = nn.Linear(k, out, bias=bias)``;
+    the bias lives in ``B.bias`` (also readable as ``layer.bias``). ``orig_kind``
+    remembers whether the layer it replaced was an ``nn.Linear`` or a GPT-2
+    ``Conv1D`` so :meth:`to_dense` can give back the same kind of module.
     """
+
+    #: name of this layer type in :data:`rankwise.surgery.layers.LAYER_TYPES`
+    layer_type = "lowrank"
 
     def __init__(
         self,
@@ -32,19 +53,36 @@ class LowRankLinear(nn.Module):
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.rank = rank
         self.orig_kind = orig_kind
         kw = {"device": device, "dtype": dtype}
-        self.A = nn.Parameter(torch.empty(rank, in_features, **kw))
-        self.B = nn.Parameter(torch.empty(out_features, rank, **kw))
-        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
-        nn.init.kaiming_uniform_(self.A, a=5**0.5)
-        nn.init.zeros_(self.B)
+        self.A = nn.Linear(in_features, rank, bias=False, **kw)
+        self.B = nn.Linear(rank, out_features, bias=bias, **kw)
+        if self.B.weight.device.type != "meta":
+            with torch.no_grad():  # B = 0: a fresh layer is the zero map (A keeps nn.Linear's Kaiming init)
+                self.B.weight.zero_()
+                if self.B.bias is not None:
+                    self.B.bias.zero_()
+
+    # sizes are read from the children, so they stay right if another library swaps them
+    @property
+    def in_features(self) -> int:
+        return int(self.A.in_features)
+
+    @property
+    def out_features(self) -> int:
+        return int(self.B.out_features)
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.out_features)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The bias (stored in ``B.bias``), or None."""
+        return self.B.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.A), self.B, self.bias)
+        return self.B(self.A(x))
 
     def extra_repr(self) -> str:
         return (
@@ -57,6 +95,38 @@ class LowRankLinear(nn.Module):
         """Numbers stored by the factors (bias excluded): rank·(in + out)."""
         return self.rank * (self.in_features + self.out_features)
 
+    # -- layer-type protocol (rankwise.surgery.layers.LAYER_TYPES) ---------------------------------------------
+    def spec(self) -> dict[str, Any]:
+        """What :meth:`from_spec` needs to rebuild this layer empty (recorded in the checkpoint's layer map)."""
+        return {
+            "type": self.layer_type,
+            "rank": self.rank,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "kind": self.orig_kind,
+        }
+
+    @classmethod
+    def from_spec(
+        cls, spec: dict[str, Any], dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> LowRankLinear:
+        """An uninitialised layer of the shape ``spec`` describes (on ``device``, ``"meta"`` allowed)."""
+        where = f"layer spec {spec.get('name', '')!s}".rstrip()
+        if not isinstance(spec, dict):
+            raise RankwiseError(f"a layer spec must be a mapping, got {type(spec).__name__}; the rank map is corrupt.")
+        k = _positive_int(spec, "rank", where)
+        n = _positive_int(spec, "in_features", where)
+        m = _positive_int(spec, "out_features", where)
+        kind = spec.get("kind", "linear")
+        if kind not in LAYER_KINDS:
+            raise RankwiseError(f"{where}: kind must be one of {', '.join(LAYER_KINDS)}, got {kind!r}.")
+        bias = spec.get("bias", False)
+        if not isinstance(bias, bool):
+            raise RankwiseError(f"{where}: bias must be true or false, got {bias!r}; the rank map is corrupt.")
+        return cls(n, m, k, bias=bias, orig_kind=kind, device=device, dtype=dtype)
+
+    # -- constructors ---------------------------------------------------------------------------------------------
     @classmethod
     def from_factors(
         cls,
@@ -72,12 +142,12 @@ class LowRankLinear(nn.Module):
         if k != k2:
             raise ValueError(f"factor shapes do not chain: B {tuple(B.shape)} and A {tuple(A.shape)}")
         dtype = dtype or A.dtype
-        layer = cls(n, m, k, bias=bias is not None, orig_kind=orig_kind, device=A.device, dtype=dtype)
-        with torch.no_grad():
-            layer.A.copy_(A.to(dtype))
-            layer.B.copy_(B.to(dtype))
-            if bias is not None:
-                layer.bias.copy_(bias.detach().to(dtype))
+        with torch.device("meta"):  # no init work: every value is overwritten below
+            layer = cls(n, m, k, bias=bias is not None, orig_kind=orig_kind, dtype=dtype)
+        layer.A.weight = nn.Parameter(A.detach().to(dtype).clone(), requires_grad=True)
+        layer.B.weight = nn.Parameter(B.detach().to(device=A.device, dtype=dtype).clone(), requires_grad=True)
+        if bias is not None:
+            layer.B.bias = nn.Parameter(bias.detach().to(device=A.device, dtype=dtype).clone(), requires_grad=True)
         return layer
 
     @classmethod
@@ -107,25 +177,27 @@ class LowRankLinear(nn.Module):
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
         """B A as an m×n tensor (computed in float32 at least)."""
-        dt = torch.promote_types(self.A.dtype, torch.float32)
-        return (self.B.to(dt) @ self.A.to(dt)).to(self.A.dtype)
+        a, b = self.A.weight, self.B.weight
+        dt = torch.promote_types(a.dtype, torch.float32)
+        return (b.to(dt) @ a.to(dt)).to(a.dtype)
 
     @torch.no_grad()
     def to_dense(self) -> nn.Module:
         """An ``nn.Linear`` (or ``Conv1D``, if that is what was replaced) holding B A."""
         w = self.dense_weight()
-        has_bias = self.bias is not None
+        bias = self.bias
         if self.orig_kind == "conv1d" and Conv1D:
             layer = Conv1D(self.out_features, self.in_features)
             layer = layer.to(device=w.device, dtype=w.dtype)
             layer.weight.copy_(w.T)
-            if has_bias:
-                layer.bias.copy_(self.bias)
+            if bias is not None:
+                layer.bias.copy_(bias)
             else:
                 layer.bias.zero_()
             return layer
-        layer = nn.Linear(self.in_features, self.out_features, bias=has_bias, device=w.device, dtype=w.dtype)
+        layer = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
         layer.weight.copy_(w)
-        if has_bias:
-            layer.bias.copy_(self.bias)
+        if bias is not None:
+            layer.bias.copy_(bias)
         return layer
+

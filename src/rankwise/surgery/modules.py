@@ -1,6 +1,8 @@
-"""Get and replace submodules by their dotted name."""
+"""Get and replace submodules by their dotted name, and undo factorisation (the one place that swaps modules)."""
 
 from __future__ import annotations
+
+import copy
 
 from torch import nn
 
@@ -12,8 +14,18 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Replace submodule ``name`` by ``new``; returns the module that was there."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, child)
-    setattr(parent, child, new)
+    old = model.get_submodule(name)
+    model.set_submodule(name, new, strict=True)
     return old
+
+
+def to_dense(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Replace every LowRankLinear by the dense layer B A (Linear or Conv1D, as it was)."""
+    from rankwise.surgery.lowrank import LowRankLinear
+
+    if not inplace:
+        model = copy.deepcopy(model)
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LowRankLinear):
+            set_module(model, name, mod.to_dense())
+    return model

@@ -277,7 +277,7 @@ class Cuttlefish(_RankCallback):
             old_params = [old] + ([t.bias] if t.bias is not None else [])
             layer = LowRankLinear.from_linear(t.module, k)
             set_module(model, t.name, layer)
-            new_params = [layer.A, layer.B] + ([layer.bias] if layer.bias is not None else [])
+            new_params = [layer.A.weight, layer.B.weight] + ([layer.bias] if layer.bias is not None else [])
             replace_in_optimizer(optimizer, old_params, new_params)
             self.ranks[t.name] = k
             self.events.append({"step": step, "layer": t.name, "action": "factorise", "rank": k, "stable_rank": sr})

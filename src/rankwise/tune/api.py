@@ -115,7 +115,7 @@ def base_fingerprint(modules: list[tuple[str, nn.Module]]) -> str:
     """
     h = hashlib.sha256()
     for name, mod in modules:
-        tensors = [mod.A, mod.B] if isinstance(mod, LowRankLinear) else [mod.weight]
+        tensors = [mod.A.weight, mod.B.weight] if isinstance(mod, LowRankLinear) else [mod.weight]
         for t in tensors:
             h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
             h.update(_tensor_bytes(t))

@@ -45,10 +45,10 @@ class HealLoRALayer(LoRALayer):
         if self.merged:
             raise RankwiseError(f"{self.layer_name} is already merged; call unmerge first (merge twice is an error).")
         old = self.base
-        b = torch.cat([old.B, self.lora_B * self.scaling], dim=1)
-        a = torch.cat([old.A, self.lora_A], dim=0)
+        b = torch.cat([old.B.weight, self.lora_B * self.scaling], dim=1)
+        a = torch.cat([old.A.weight, self.lora_A], dim=0)
         self._stash = old
-        self.base = LowRankLinear.from_factors(b, a, old.bias, orig_kind=old.orig_kind, dtype=old.A.dtype)
+        self.base = LowRankLinear.from_factors(b, a, old.bias, orig_kind=old.orig_kind, dtype=old.A.weight.dtype)
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.merged = True

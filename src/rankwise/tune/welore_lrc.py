@@ -28,9 +28,9 @@ class FactorLayer(AdapterLayer):
         self, base: nn.Module, config: AdapterConfig, name: str, state: dict[str, torch.Tensor] | None = None
     ) -> None:
         super().__init__(base, config, name)
-        a = base.A if state is None else self.from_state(state, "A")
-        b = base.B if state is None else self.from_state(state, "B")
-        if tuple(a.shape) != tuple(base.A.shape) or tuple(b.shape) != tuple(base.B.shape):
+        a = base.A.weight if state is None else self.from_state(state, "A")
+        b = base.B.weight if state is None else self.from_state(state, "B")
+        if tuple(a.shape) != tuple(base.A.weight.shape) or tuple(b.shape) != tuple(base.B.weight.shape):
             raise RankwiseError(f"factor shapes of {name} do not match the model; the adapter is for another model.")
         self.A = self._param(a)
         self.B = self._param(b)
@@ -47,16 +47,16 @@ class FactorLayer(AdapterLayer):
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        return self.B.float() @ self.A.float() - self.base.B.float() @ self.base.A.float()
+        return self.B.float() @ self.A.float() - self.base.B.weight.float() @ self.base.A.weight.float()
 
     @torch.no_grad()
     def merge(self) -> None:
         """Write the trained factors into the base LowRankLinear (the old ones are kept for unmerge)."""
         if self.merged:
             raise RankwiseError(f"{self.layer_name} is already merged; call unmerge first (merge twice is an error).")
-        self._stash = (self.base.A.detach().clone(), self.base.B.detach().clone())
-        self.base.A.copy_(self.A)
-        self.base.B.copy_(self.B)
+        self._stash = (self.base.A.weight.detach().clone(), self.base.B.weight.detach().clone())
+        self.base.A.weight.copy_(self.A)
+        self.base.B.weight.copy_(self.B)
         self.merged = True
 
     @torch.no_grad()
@@ -64,8 +64,8 @@ class FactorLayer(AdapterLayer):
         """Put the compressed model's own factors back (bit-for-bit)."""
         if not self.merged or self._stash is None:
             raise RankwiseError(f"{self.layer_name} is not merged; nothing to unmerge.")
-        self.base.A.copy_(self._stash[0])
-        self.base.B.copy_(self._stash[1])
+        self.base.A.weight.copy_(self._stash[0])
+        self.base.B.weight.copy_(self._stash[1])
         self._stash = None
         self.merged = False
 
