@@ -81,6 +81,15 @@ def _gram_svdvals(stack: torch.Tensor) -> torch.Tensor:
     return lam.flip(-1).clamp_min(0).sqrt()
 
 
+def thin_svd(w: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Full thin SVD ``w = U diag(S) Vh`` (``full_matrices=False``), in float32 or wider (or ``dtype``).
+
+    The one exact-SVD call of the package: compression methods, EoRA, GaLore's
+    projector and the TRP/Cuttlefish callbacks all come here.
+    """
+    return torch.linalg.svd(_upcast(w, dtype), full_matrices=False)
+
+
 def truncated_svd(
     w: torch.Tensor,
     rank: int,
