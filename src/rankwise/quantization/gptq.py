@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from rankwise.engine.linalg import inverse_cholesky_upper
 from rankwise.errors import RankwiseError
 from rankwise.quantization.pack import check_bits
 from rankwise.quantization.rtn import QuantizedWeight, group_params, num_groups, quantize_codes
@@ -40,8 +41,7 @@ def gptq(weight: torch.Tensor, xtx: torch.Tensor, bits: int, group_size: int, da
     diag = torch.diagonal(H)
     diag += damp * float(diag.mean())
     try:
-        L = torch.linalg.cholesky(H)
-        U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+        U = inverse_cholesky_upper(H)  # UᵀU = H⁻¹
     except RuntimeError as exc:  # torch.linalg.LinAlgError subclasses RuntimeError
         raise RankwiseError(
             f"GPTQ: the damped Hessian of a {m}×{n} layer is not positive definite ({exc}); raise --damp."

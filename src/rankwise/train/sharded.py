@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
+from rankwise.engine.linalg import orthonormal_basis, sym_eigh
 from rankwise.errors import RankwiseError
 from rankwise.train.projector import Projector, dct_basis, dct_scores
 
@@ -154,7 +155,7 @@ def refresh_sharded(proj: Projector, g: torch.Tensor, state: dict, step: int, sh
     if proj.projection == "svd":
         g64 = work.to(torch.float64)
         gram = shard.all_reduce(g64.T @ g64)
-        _, vecs = torch.linalg.eigh(gram)
+        _, vecs = sym_eigh(gram)
         q = canonical_signs(vecs[:, -r:].flip(1))
         state["proj_basis"] = q.to(g.dtype).contiguous()
     elif proj.projection == "dct":
@@ -178,13 +179,13 @@ def _randomized_right(g: torch.Tensor, rank: int, proj: Projector, step: int, sh
     omega_i = omega[shard.start : shard.start + shard.rows]
     y = shard.all_reduce(g.T @ omega_i)  # a Ω = Σ G_iᵀ Ω_i
     for _ in range(proj.niter):
-        y, _ = torch.linalg.qr(y)
+        y = orthonormal_basis(y)
         y = shard.all_reduce(g.T @ (g @ y))  # a aᵀ y = Σ G_iᵀ (G_i y)
-    basis, _ = torch.linalg.qr(y)
+    basis = orthonormal_basis(y)
     # left singular vectors of basisᵀ a (q×m) = eigenvectors of its Gram Σ (G_i basis)ᵀ(G_i basis)
     gb = (g @ basis).to(torch.float64)
     small_gram = shard.all_reduce(gb.T @ gb)
-    _, vecs = torch.linalg.eigh(small_gram)
+    _, vecs = sym_eigh(small_gram)
     ub = vecs[:, -rank:].flip(1).to(g.dtype)
     return canonical_signs(basis @ ub).contiguous()
 
