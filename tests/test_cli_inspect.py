@@ -36,6 +36,8 @@ def test_cli_smoke_json_stdout_is_pure(tiny_folder: Path, capsys: pytest.Capture
     assert len(data["matrices"]) == 14
     for row in data["matrices"]:
         assert set(MATRIX_KEYS) | {"alpha_farms"} <= set(row)
+    assert data["settings"]["streamed"] is True and data["settings"]["threads"] == 1  # a folder is streamed
+    assert data["settings"]["device"] in ("cpu", "cuda") and data["settings"]["weights_dtype"] == ["float32"]
     assert "model.layers.0.self_attn.q_proj" in cap.err  # the table goes to stderr
     assert "per layer type" in cap.err
 
@@ -64,6 +66,11 @@ def test_cli_writes_json_and_html(tiny_folder: Path, tmp_path: Path, capsys: pyt
         (["{tiny}", "--ratio", "0"], "between 0 and 1"),
         (["{tiny}", "--json", "{blocker}/r.json"], "not a writable directory"),
         (["{tiny}", "--html", "{tmp}"], "is a directory"),
+        (["{tiny}", "--dtype", "int8"], "unknown dtype 'int8'"),
+        (["{tiny}", "--device", "tpu"], "unknown device 'tpu'"),
+        (["{tiny}", "--threads", "-1"], "threads must be 0"),
+        (["{tiny}", "--threads", "1.5"], "--threads must be a whole number"),
+        (["{tiny}", "--intruder-eps", "nan"], "--intruder-eps must be a finite number"),
     ],
 )
 def test_cli_user_errors_exit_2_with_one_line(
@@ -101,6 +108,14 @@ def test_cli_nan_weight_and_corrupt_safetensors(tmp_path: Path, capsys: pytest.C
     assert main(["inspect", str(tmp_path / "bad"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "cannot read the weights" in err and len(err.splitlines()) == 1
+
+
+def test_cli_device_cuda_without_cuda_is_one_line(tiny_folder: Path, capsys: pytest.CaptureFixture) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["inspect", str(tiny_folder), "--device", "cuda", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "asked for CUDA" in err and "cpu" in err
 
 
 def test_cli_subprocess_no_traceback(tmp_path: Path) -> None:

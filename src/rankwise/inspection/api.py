@@ -143,6 +143,7 @@ def _inspect(
     svs: list[torch.Tensor | None] = [None] * n
     fits: dict[str, PowerLawFit] = {}
     spec_np: dict[str, np.ndarray] = {}
+    seen_dtypes: set[str] = set()
     bar = progress(n, desc=f"inspecting {n} matrices", unit="matrix", enabled=cfg.progress)
     try:
         for batch in _batches(src.refs, cfg.max_batch_bytes):
@@ -151,6 +152,7 @@ def _inspect(
                 w = src.load(i)
                 if src.streamed:
                     check_finite(w, src.refs[i].name, src.label)
+                seen_dtypes.add(dtype_name(w.dtype))
                 weights.append(w.to(work))
                 del w
             batch_svs = batched_spectra(weights, method=cfg.spectrum_method, max_batch_bytes=cfg.max_batch_bytes
@@ -186,6 +188,7 @@ def _inspect(
     settings: dict[str, Any] = {
         "device": str(device),
         "dtype": cfg.dtype if isinstance(cfg.dtype, str) else dtype_name(cfg.dtype),
+        "weights_dtype": sorted(seen_dtypes),
         "threads": cfg.threads if cfg.threads else torch.get_num_threads(),
         "spectrum_method": cfg.spectrum_method,
         "streamed": src.streamed,

@@ -14,6 +14,25 @@ from rankwise.errors import RankwiseError, check_ratio
 
 DEVICE_HELP = "where the decompositions run: auto (CUDA when present), cpu, cuda or cuda:N"
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")  # = engine.device.DTYPE_CHOICES (no torch import here)
+_DTYPE_ALIASES = ("bf16", "fp16", "half", "fp32", "float")
+
+
+def check_device(value: Any) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (whether it exists is checked when the work starts)."""
+    d = value.strip().lower() if isinstance(value, str) else ""
+    if not (d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
+        raise RankwiseError(f"unknown device {value!r}; use auto, cpu, cuda or cuda:N.")
+    return d
+
+
+def check_dtype(value: Any) -> Any:
+    """A dtype name (auto, bfloat16, float16, float32 and their short forms) or a ``torch.dtype``."""
+    if type(value).__name__ == "dtype":  # a torch.dtype given through the Python API
+        return value
+    d = value.strip().lower().removeprefix("torch.") if isinstance(value, str) else None
+    if d not in (*DTYPE_CHOICES, *_DTYPE_ALIASES):
+        raise RankwiseError(f"unknown dtype {value!r}; use one of {', '.join(DTYPE_CHOICES)}.")
+    return d
 
 
 @dataclass
@@ -71,9 +90,11 @@ class InspectConfig:
         "help": "how singular values are computed: float64 Gram eigenvalues (fast) or float32 svdvals"})
     threads: int | None = field(default=1, metadata={
         "help": "torch threads for the decompositions (1 is robust on busy machines; 0 = torch's default)"})
-    device: str = field(default="auto", metadata={"metavar": "auto|cpu|cuda|cuda:N", "help": DEVICE_HELP})
-    dtype: str = field(default="auto", metadata={
-        "choices": DTYPE_CHOICES, "help": "precision the weights are read in (auto: the checkpoint's own)"})
+    device: str = field(default="auto", metadata={"metavar": "auto|cpu|cuda|cuda:N", "type": check_device,
+                                                  "help": DEVICE_HELP})
+    dtype: Any = field(default="auto", metadata={
+        "metavar": "|".join(DTYPE_CHOICES), "type": check_dtype,
+        "help": "precision the weights are read in (auto: the checkpoint's own)"})
     stream: bool | None = field(default=None, metadata={
         "help": "read a model folder one tensor at a time (never build the model); default: on for folders "
                 "with safetensors"})
@@ -109,14 +130,8 @@ class InspectConfig:
             raise RankwiseError(f"spectrum_method must be 'gram' or 'svd', got {self.spectrum_method!r}.")
         if not 0.0 <= float(self.min_saving) < 1.0:
             raise RankwiseError(f"min_saving must lie in [0, 1), got {self.min_saving}.")
-        if not isinstance(self.device, str) or not self.device.strip():
-            raise RankwiseError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}.")
-        d = self.device.strip().lower()
-        if not (d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
-            raise RankwiseError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N.")
-        if not isinstance(self.dtype, str) or self.dtype.strip().lower().removeprefix("torch.") not in (
-                *DTYPE_CHOICES, "bf16", "fp16", "half", "fp32", "float"):
-            raise RankwiseError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPE_CHOICES)}.")
+        self.device = check_device(self.device)
+        self.dtype = check_dtype(self.dtype)
         for name in ("targets", "exclude"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
