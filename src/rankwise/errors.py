@@ -9,6 +9,21 @@ line and exits with status 2 instead of showing a traceback.
 from __future__ import annotations
 
 
+def _damaged_file_errors() -> tuple[type[Exception], ...]:
+    try:  # safetensors' module imports no torch (a Rust extension), so this stays cheap
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors is a hard dependency
+        return (OSError, ValueError, KeyError)
+    return (SafetensorError, OSError, ValueError, KeyError)
+
+
+#: What reading a damaged or missing weights/JSON file raises: safetensors' own error for a bad
+#: header or buffer, OSError for a missing/unreadable file, ValueError for invalid JSON (and
+#: RankwiseError), KeyError for a JSON index without its keys. Catch these, not ``Exception``,
+#: when turning a bad file into a one-line RankwiseError.
+DAMAGED_FILE_ERRORS: tuple[type[Exception], ...] = _damaged_file_errors()
+
+
 class RankwiseError(ValueError):
     """A user error with a one-line, actionable message (a ``ValueError``, so generic handlers catch it)."""
 

@@ -46,9 +46,8 @@ class Registry(Generic[T]):
         return deco
 
     def _load(self) -> None:
-        if not self._loaded:
+        if not self._loaded and self._loader is not None:
             self._loaded = True
-            assert self._loader is not None
             self._loader()
 
     def names(self) -> tuple[str, ...]:

@@ -270,7 +270,8 @@ class Dist:
                 out[name] = None
                 continue
             result = mine[i] if src == self.rank else {}
-            assert result is not None
+            if result is None:  # desc is None exactly when the owner's result is None, handled above
+                raise RuntimeError(f"rankwise bug: no result for {name} on its owning rank {src}")
             for key, spec in desc.items():
                 if spec[0] != "tensor":
                     result[key] = spec[1]

@@ -302,7 +302,8 @@ def eora_compensate(
             for t in outside:
                 _check_stats(t, outside_stats[t.name])
         if inside:
-            assert blocks is not None
+            if blocks is None:  # targets inside blocks imply blocks were found
+                raise RuntimeError("rankwise bug: targets inside decoder blocks but no blocks found")
             inputs = capture_block_inputs(model, blocks.modules[0], loop)
             if not inputs:
                 raise RankwiseError("the forward loop never reached the model's blocks; check the calib data.")

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.errors import RankwiseError
+from rankwise.errors import DAMAGED_FILE_ERRORS, RankwiseError
 from rankwise.surgery.targets import Target, find_targets
 
 
@@ -105,7 +105,7 @@ class StreamSource:
             return self.reader.get(key)
         except RankwiseError:
             raise
-        except Exception as exc:  # safetensors raises its own error types for damaged data
+        except DAMAGED_FILE_ERRORS as exc:  # safetensors raises its own error types for damaged data
             raise RankwiseError(f"cannot read the weights in {self.folder} (tensor {key}: "
                                 f"{str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); "
                                 "the checkpoint is corrupt, re-save it.") from exc
@@ -215,7 +215,7 @@ class SafetensorsFolder:
                 raise RankwiseError(f"shard {f} listed in {index.name} is missing from {folder}; re-download it.")
             try:
                 h = safe_open(str(path), framework="pt")
-            except Exception as exc:  # safetensors raises its own error types for bad headers
+            except DAMAGED_FILE_ERRORS as exc:  # safetensors raises its own error types for bad headers
                 raise RankwiseError(f"cannot read the weights in {folder} ({f}: "
                                     f"{str(exc).splitlines()[0][:100]}); the checkpoint is corrupt, "
                                     "re-save it.") from exc

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.errors import RankwiseError
+from rankwise.errors import DAMAGED_FILE_ERRORS, RankwiseError
 from rankwise.io.atomic import atomic_dir
 from rankwise.surgery.layers import build_layer, layer_map
 from rankwise.surgery.modules import get_module, set_module
@@ -62,7 +62,7 @@ def _save_tokenizer(model: nn.Module, dest: Path, tokenizer=None) -> None:
                 from transformers import AutoTokenizer
 
                 tokenizer = AutoTokenizer.from_pretrained(src)
-            except Exception:  # a model folder without tokenizer files: nothing to copy
+            except (OSError, ValueError):  # a model folder without tokenizer files: nothing to copy
                 tokenizer = None
     if tokenizer is not None:
         tokenizer.save_pretrained(str(dest))
@@ -111,7 +111,7 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
             for f in files:
                 out.update(load_file(str(folder / f)))
             return out
-    except Exception as exc:  # safetensors raises its own error types for bad headers
+    except DAMAGED_FILE_ERRORS as exc:  # safetensors raises its own error types for bad headers
         raise RankwiseError(
             f"cannot read the weights in {folder} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
             "the checkpoint is corrupt, write it again with rankwise.save."

@@ -149,7 +149,7 @@ def resolve_model(name_or_path: str | os.PathLike | None = None) -> Path:
             from huggingface_hub import snapshot_download
 
             return Path(snapshot_download(name, local_files_only=True))
-        except Exception as exc:
+        except (OSError, ValueError) as exc:  # LocalEntryNotFoundError / HFValidationError
             raise RankwiseError(
                 f"model {name!r} is not in the local Hugging Face cache and no model hub is reachable; "
                 f"pass a local folder (written by save_pretrained) or a built-in name: "

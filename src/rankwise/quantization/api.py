@@ -227,7 +227,8 @@ def _walk(model: nn.Module, targets: list, loop: Callable[[nn.Module], Any], pro
             loop(model)
         outside_stats = col.stats
     if inside:
-        assert blocks is not None
+        if blocks is None:  # find_targets put targets inside blocks, so blocks were found
+            raise RuntimeError("rankwise bug: targets inside decoder blocks but no blocks found")
         by_block = blocks.targets_of(inside)
         collectors: dict[int, StatsCollector] = {}
 

@@ -22,7 +22,7 @@ from rankwise.errors import RankwiseError
 
 try:  # transformers' GPT-2 style Conv1D: y = x @ W + b with W of shape (in, out)
     from transformers.pytorch_utils import Conv1D
-except Exception:  # pragma: no cover - transformers is a hard dependency
+except ImportError:  # pragma: no cover - transformers is a hard dependency
     Conv1D = ()  # type: ignore[assignment,misc]
 
 

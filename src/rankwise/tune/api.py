@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.errors import RankwiseError
+from rankwise.errors import DAMAGED_FILE_ERRORS, RankwiseError
 from rankwise.io.atomic import atomic_dir
 from rankwise.progress import progress as progress_bar
 from rankwise.surgery.lowrank import LowRankLinear
@@ -347,7 +347,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, progress: bool = Tru
         )
     try:
         flat = load_file(str(folder / ADAPTER_FILE))
-    except Exception as exc:
+    except DAMAGED_FILE_ERRORS as exc:
         raise RankwiseError(
             f"cannot read {folder / ADAPTER_FILE} ({type(exc).__name__}); the adapter is corrupt, save it again."
         ) from exc
