@@ -12,18 +12,17 @@ from torch import nn
 
 from rankwise.engine.metrics import break_even_rank
 from rankwise.errors import RankwiseError
-from rankwise.evaluation.speed import (
+from rankwise.evaluation.cost_model import (
     DEFAULT_COST_MODELS,
     SMOLLM2_SHAPES,
     LayerCostModel,
     cost_model,
     fit_cost_model,
-    greedy_decode,
-    measure_speed,
-    prompt_ids,
+    load_cost_models,
     speed_break_even_rank,
-    time_layers,
 )
+from rankwise.evaluation.microbench import time_layers
+from rankwise.evaluation.speed import greedy_decode, measure_speed, prompt_ids
 from rankwise.surgery import LowRankLinear, find_targets, set_module
 
 
@@ -105,7 +104,7 @@ def test_peak_memory_sees_an_allocation() -> None:
     # reused by the allocation, so RSS would not grow and the check would depend on test order.
     code = (
         "import time, torch\n"
-        "from rankwise.evaluation.speed import PeakMemory\n"
+        "from rankwise.evaluation.memory import PeakMemory\n"
         "with PeakMemory() as pm:\n"
         "    x = torch.ones(64 * 2**20)  # 256 MB of float32, touched\n"
         "    x += 1\n"
@@ -116,6 +115,26 @@ def test_peak_memory_sees_an_allocation() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     extra_mb, peak_mb = map(float, out.stdout.split())
     assert extra_mb > 150 and peak_mb >= extra_mb
+
+
+def test_cost_models_come_from_the_data_file(tmp_path) -> None:
+    import json
+    from importlib import resources
+
+    data = json.loads(resources.files("rankwise.evaluation").joinpath("cost_model.json").read_text())
+    assert {d["tokens"] for d in data["models"]} == set(DEFAULT_COST_MODELS)
+    assert "--fit" in data["fit_command"]
+    for d in data["models"]:
+        assert DEFAULT_COST_MODELS[d["tokens"]].mac_rate == d["mac_rate"]
+    own = tmp_path / "cm.json"
+    own.write_text(json.dumps({"models": [{"tokens": 8, "overhead_s": 1e-6, "mac_rate": 2e10, "efficiency": 0.5}]}))
+    assert load_cost_models(own)[8].efficiency == 0.5
+    own.write_text(json.dumps({"models": [{"tokens": 8, "overhead_s": 1e-6, "mac_rate": -1, "efficiency": 0.5}]}))
+    with pytest.raises(RankwiseError, match="invalid model"):
+        load_cost_models(own)
+    own.write_text("{not json")
+    with pytest.raises(RankwiseError, match="unreadable"):
+        load_cost_models(own)
 
 
 def test_prompt_ids_and_too_short_prompt() -> None:
@@ -182,7 +201,7 @@ def test_time_layers_and_measured_model() -> None:
 
 
 def test_densify_slow_layers_keeps_function() -> None:
-    from rankwise.evaluation.speed import densify_slow_layers, slow_layers
+    from rankwise.evaluation.cost_model import densify_slow_layers, slow_layers
 
     model = tiny_llama()
     for t in find_targets(model):  # q/o (64×64, break-even 32) at rank 30, the rest at rank 4
