@@ -3,7 +3,7 @@
 Every configuration is measured in this one process against the baseline, SVD-LLM's setting
 (``whiten`` + ``uniform`` allocation, no sequential calibration), computed in the same run.
 Calibration: PTB train, 32 windows × 256 tokens, seed 0 (never test text). Evaluation: the
-first 4,096 tokens of each test text in 512-token windows, BOS prepended (methods.md §6).
+first 4,096 tokens of each test text in 512-token windows, BOS prepended (docs/methods.md §6).
 
     python bench/compress_quality.py            # --quick grid (default, < 25 min on 2 cores)
     python bench/compress_quality.py --full     # every method × {uniform, global, welore} × ±sequential × 4 ratios

@@ -1,4 +1,4 @@
-"""One-shot low-rank compression W ≈ B A (methods.md §2–§3).
+"""One-shot low-rank compression W ≈ B A (docs/methods.md §2–§3).
 
 * :mod:`rankwise.compression.methods`: the factorisation methods (svd, asvd, fwsvd, whiten), by name;
 * :mod:`rankwise.compression.calibration`: forward loops and hooks that collect input statistics,

@@ -1,4 +1,4 @@
-"""EoRA: training-free low-rank compensation of compressed weights (methods.md §3 "eora").
+"""EoRA: training-free low-rank compensation of compressed weights (docs/methods.md §3 "eora").
 
 Given a layer whose weight was compressed (quantised and/or pruned) to W′ and its
 original weight W, the compression error is ΔW = W − W′. With the layer's input

@@ -1,4 +1,4 @@
-"""Spectral metrics of one matrix, computed from its singular values (methods.md §1).
+"""Spectral metrics of one matrix, computed from its singular values (docs/methods.md §1).
 
 Every function takes the descending singular values ``s`` (any float tensor)
 and returns a Python number, so results serialise to JSON directly.

@@ -1,4 +1,4 @@
-"""Heavy-tail exponent α of an eigenvalue spectrum (methods.md §1).
+"""Heavy-tail exponent α of an eigenvalue spectrum (docs/methods.md §1).
 
 Continuous power law p(λ) ∝ λ^(-α) for λ ≥ λ_min, fitted by maximum likelihood
 (the Hill estimator α = 1 + n / Σ ln(λᵢ/λ_min)); λ_min is the candidate that

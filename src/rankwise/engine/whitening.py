@@ -1,4 +1,4 @@
-"""Factorisations of a layer's input second moment C = XᵀX, in float64 (methods.md §3).
+"""Factorisations of a layer's input second moment C = XᵀX, in float64 (docs/methods.md §3).
 
 SVD-LLM whitening needs S with S Sᵀ = C and its inverse. Cholesky is tried
 first with growing diagonal jitter; if C stays indefinite (rank-deficient

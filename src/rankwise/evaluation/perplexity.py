@@ -1,4 +1,4 @@
-"""Perplexity over non-overlapping windows (methods.md §6)."""
+"""Perplexity over non-overlapping windows (docs/methods.md §6)."""
 
 from __future__ import annotations
 

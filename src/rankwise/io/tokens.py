@@ -1,6 +1,6 @@
 """Turn text into token windows for calibration, evaluation and training.
 
-Conventions (methods.md §6): evaluation windows are consecutive,
+Conventions (docs/methods.md §6): evaluation windows are consecutive,
 non-overlapping slices of ``seq_len`` text tokens from the start of the text,
 each with BOS prepended when the tokenizer has one; calibration and training
 windows are drawn at seeded random offsets.

@@ -1,4 +1,4 @@
-"""Low-rank training: GaLore-style optimisers and rank-shaping callbacks (methods.md §5).
+"""Low-rank training: GaLore-style optimisers and rank-shaping callbacks (docs/methods.md §5).
 
 * :class:`GaLoreAdamW`: drop-in for ``galore_torch.GaLoreAdamW`` with
   ``projection="svd" | "randomized" | "dct"`` and ``fira=True``;

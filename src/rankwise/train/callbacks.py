@@ -1,4 +1,4 @@
-"""Rank-shaping callbacks: TRP and Cuttlefish (methods.md §5).
+"""Rank-shaping callbacks: TRP and Cuttlefish (docs/methods.md §5).
 
 Both work two ways:
 

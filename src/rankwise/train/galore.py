@@ -10,7 +10,7 @@ groups (``{"params": [...], "rank": 128, "update_proj_gap": 200, "scale": 0.25,
   per column by ‖Adam(R)‖/‖R‖, with a norm-growth limiter (the scaled residual's
   norm may grow by at most ``fira_limit`` per step).
 
-For a matrix parameter in a group with ``rank`` (methods.md §5)::
+For a matrix parameter in a group with ``rank`` (docs/methods.md §5)::
 
     every update_proj_gap steps:  Q ← projection of the current gradient G
     R = QᵀG (or G Q);  M, V ← Adam moments of R  (r×n or m×r)

@@ -1,4 +1,4 @@
-"""Low-rank gradient projections for GaLore-style optimisers (methods.md §5).
+"""Low-rank gradient projections for GaLore-style optimisers (docs/methods.md §5).
 
 A projector maps a matrix gradient G (m×n) to a small matrix R and back:
 

@@ -1,4 +1,4 @@
-"""``rankwise.tune``: spectral adapters (methods.md §4) with merge, save/load and PEFT export.
+"""``rankwise.tune``: spectral adapters (docs/methods.md §4) with merge, save/load and PEFT export.
 
 Usage::
 

@@ -1,4 +1,4 @@
-"""``AdapterConfig``: what to attach, where, at which rank (methods.md §4).
+"""``AdapterConfig``: what to attach, where, at which rank (docs/methods.md §4).
 
 One dataclass serves every adapter; each method reads the fields it needs and
 ignores the rest (documented per field). It is stored verbatim in
@@ -34,7 +34,7 @@ class AdapterConfig:
         dropout: dropout on the adapter input (lora, pissa, salt's LoRA part, heal's LoRA).
         svd: ``exact`` (default, LAPACK) or ``randomized`` (``torch.svd_lowrank``) for the initial SVDs.
         svd_iters: power iterations of the randomized SVD.
-        energy: energy fraction that fixes svfit's rank when ``rank`` is None (methods.md §4: 0.99).
+        energy: energy fraction that fixes svfit's rank when ``rank`` is None (docs/methods.md §4: 0.99).
         lora_rank: rank of SALT's LoRA on the residual subspace and of heal's LoRA (default: ``rank``).
         gamma: weight of SORSA's orthogonality regulariser γ(‖UᵀU − I‖² + ‖VᵀV − I‖²).
         heal_mode: ``factors`` (train the A/B factors of LowRankLinear layers) or ``lora`` (a LoRA beside them).

@@ -1,4 +1,4 @@
-"""Healing a compressed model (methods.md §3 "healing"): train its factors, or a small LoRA beside them.
+"""Healing a compressed model (docs/methods.md §3 "healing"): train its factors, or a small LoRA beside them.
 
 ``heal_mode="factors"`` (default) trains the A/B factors of every
 :class:`LowRankLinear` of a ``rankwise.load``-ed model (the SVD-LLM recipe);

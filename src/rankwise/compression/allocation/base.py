@@ -2,7 +2,7 @@
 
 A rank map gives each targeted matrix either a rank k (it becomes B A with
 k(m+n) numbers) or ``None`` (it stays dense: mn numbers). The achieved ratio is
-the fraction of the targeted parameters removed (methods.md). A factorised
+the fraction of the targeted parameters removed (docs/methods.md). A factorised
 matrix must have k < break-even rank ⌈mn/(m+n)⌉, otherwise it stays dense.
 """
 

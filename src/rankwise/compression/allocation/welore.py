@@ -1,4 +1,4 @@
-"""WeLore's data-free, non-uniform rank allocation (methods.md §1 and §2).
+"""WeLore's data-free, non-uniform rank allocation (docs/methods.md §1 and §2).
 
 Each matrix's singular values are normalised by its largest (σᵢ/σ₁ ∈ [0, 1]).
 One model-wide threshold t keeps, in every matrix, the directions with
