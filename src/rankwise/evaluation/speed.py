@@ -1,6 +1,6 @@
 """Measured speed of dense and factorised models: prefill and decode tokens/s, peak memory.
 
-Model level (methods.md §6): *prefill* is one forward pass over a prompt
+Model level (docs/methods.md §6): *prefill* is one forward pass over a prompt
 (default 512 tokens, BOS included) that builds the KV cache and computes the
 logits of the last position only (what ``generate`` does; ``logits_to_keep=1``);
 *decode* is greedy generation of ``new_tokens`` tokens with the KV cache
