@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from rankwise.errors import RankwiseError
+from rankwise.progress import progress as progress_bar
 from rankwise.quantization.gptq import gptq
 from rankwise.quantization.layer import QuantLinear, QuantLowRank
 from rankwise.quantization.pack import SUPPORTED_BITS, check_bits
@@ -333,9 +334,7 @@ def quantize(model: nn.Module, config: QuantizeConfig | None = None, calib: Any 
             loop, info = resolve_calib(model, cc, calib, tokenizer)
             _walk(model, targets, loop, process, config.sequential, config.progress)
         else:
-            from tqdm.auto import tqdm
-
-            for t in tqdm(targets, desc="quantize", unit="matrix", disable=not config.progress, leave=False):
+            for t in progress_bar(targets, desc="quantize", unit="matrix", enabled=config.progress):
                 process([t], {})
     finally:
         if was_training:
