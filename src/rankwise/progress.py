@@ -11,8 +11,8 @@ keeps stdout clean, and are removed when done (``leave=False``) unless asked oth
 Why tqdm and not rich.progress: the libraries rankwise runs under (transformers, peft,
 accelerate) already draw tqdm bars and obey ``TQDM_DISABLE``; one library means one switch.
 Rich stays for what tqdm does not do: tables, and the CLI's ``console.status`` spinners around
-steps with no count to show (loading or saving a model); those draw on the shared console of
-``rankwise.cli.common``, which ``--quiet`` silences too.
+steps with no count to show (loading or saving a model); those draw on the command line's shared
+console, which ``--quiet`` silences too.
 """
 
 from __future__ import annotations
