@@ -12,7 +12,7 @@ from rankwise.errors import RankwiseError
 from rankwise.surgery import LowRankLinear, find_targets, set_module
 from rankwise.tune import (
     LOWRANK_METHODS,
-    METHODS,
+    NATIVE_METHODS,
     AdapterConfig,
     adapter_layers,
     apply,
@@ -27,6 +27,7 @@ from rankwise.tune import (
     unmerge,
 )
 
+METHODS = NATIVE_METHODS  # the PEFT-backed ones are tested in test_tune_peft_methods.py
 DENSE_METHODS = [m for m in METHODS if m not in LOWRANK_METHODS]
 TOL = 1e-5
 
@@ -62,12 +63,14 @@ def perturb(model, scale: float = 0.05, seed: int = 1) -> None:
     """Move every trainable tensor away from its init so merge/save/export tests can fail."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * scale * (p.abs().mean() + 1e-2))
+        for name, p in model.named_parameters():
+            if p.requires_grad:  # LoRA-XS's R starts at 0 between two large frozen factors: move it by O(0.1)
+                size = 2.0 if name.endswith("lora_R") else p.abs().mean() + 1e-2
+                p.add_(torch.randn(p.shape, generator=g) * scale * size)
 
 
 IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5))
+DATA = [{"input_ids": IDS, "labels": IDS}]  # batches for data-driven inits (lora-ga); ignored by the others
 
 
 def logits(model, ids=IDS):
@@ -83,9 +86,9 @@ def weights(model) -> dict[str, torch.Tensor]:
 def test_init_equals_base_and_only_adapter_trains(method):
     model = base_for(method)
     ref = logits(model)
-    apply(model, AdapterConfig(method=method, rank=4))
+    apply(model, AdapterConfig(method=method, rank=4), data=DATA)
     out = logits(model)
-    if method in ("lora", "welore-lrc", "heal"):  # B = 0 / identical factor copies: exact
+    if method in ("lora", "lora-xs", "dylora", "welore-lrc", "heal"):  # B = 0 / R = 0 / factor copies: exact
         assert torch.equal(out, ref)
     else:
         assert torch.allclose(out, ref, atol=TOL), (out - ref).abs().max()
@@ -101,7 +104,7 @@ def test_merge_unmerge_and_unload(method):
     model = base_for(method)
     original = weights(model)
     ref0 = logits(model)
-    apply(model, AdapterConfig(method=method, rank=4))
+    apply(model, AdapterConfig(method=method, rank=4), data=DATA)
     perturb(model)
     before = {k: v.detach().clone() for k, v in model.named_parameters() if ".base." in k}
     adapted = logits(model)
@@ -127,7 +130,7 @@ def test_merge_unmerge_and_unload(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_merge_and_unload_gives_plain_model(method):
     model = base_for(method)
-    apply(model, AdapterConfig(method=method, rank=4))
+    apply(model, AdapterConfig(method=method, rank=4), data=DATA)
     perturb(model)
     adapted = logits(model)
     merge_and_unload(model)
@@ -143,7 +146,7 @@ def test_merge_and_unload_gives_plain_model(method):
 def test_save_load_identical(method, tmp_path):
     model = base_for(method)
     fresh = copy.deepcopy(model)
-    apply(model, AdapterConfig(method=method, rank=4))
+    apply(model, AdapterConfig(method=method, rank=4), data=DATA)
     perturb(model)
     adapted = logits(model)
     save_adapter(model, tmp_path / "a")
@@ -161,8 +164,10 @@ def test_save_load_identical(method, tmp_path):
 
 
 def _closed_form(method: str, shapes: list[tuple[int, int]], r: int, ranks: list[int]) -> int:
-    if method in ("lora", "pissa"):
+    if method in ("lora", "pissa", "lora-ga", "dylora"):
         return sum(r * (m + n) for m, n in shapes)
+    if method == "lora-xs":
+        return r * r * len(shapes)
     if method == "svfit":
         return sum(ranks)
     if method == "salt":
@@ -178,7 +183,7 @@ def _closed_form(method: str, shapes: list[tuple[int, int]], r: int, ranks: list
 def test_trainable_count_closed_form(method):
     model = base_for(method)
     r = 4
-    apply(model, AdapterConfig(method=method, rank=r))
+    apply(model, AdapterConfig(method=method, rank=r), data=DATA)
     layers = adapter_layers(model)
     shapes = [(lay.m, lay.n) for lay in layers.values()]
     ranks = [lay.rank for lay in layers.values()]
@@ -262,7 +267,7 @@ def test_conv1d_gpt2(method, tmp_path):
     fresh = copy.deepcopy(model)
     ids = IDS % 96
     ref = logits(model, ids)
-    apply(model, AdapterConfig(method=method, rank=4))
+    apply(model, AdapterConfig(method=method, rank=4), data=DATA)
     assert torch.allclose(logits(model, ids), ref, atol=TOL)
     perturb(model)
     adapted = logits(model, ids)
@@ -298,8 +303,8 @@ def test_heal_on_rankwise_loaded_checkpoint(tmp_path):
 
 # -- errors ---------------------------------------------------------------------------------------
 def test_error_unknown_method():
-    with pytest.raises(RankwiseError, match="unknown adapter method 'dora'.*lora, pissa"):
-        apply(tiny_llama(), AdapterConfig(method="dora"))
+    with pytest.raises(RankwiseError, match="unknown adapter method 'nope'.*lora, pissa.*dora"):
+        apply(tiny_llama(), AdapterConfig(method="nope"))
 
 
 @pytest.mark.parametrize("rank", [0, -3, 64, 100])

@@ -1,14 +1,21 @@
-"""``rankwise tune``: fine-tune a model with a spectral adapter, evaluate, save, merge, export.
+"""``rankwise tune``: fine-tune a model with an adapter (native or through PEFT), evaluate, save, merge, export.
+
+Training runs through the HF Trainer (:mod:`rankwise.training`); the options are
+built from :class:`~rankwise.tune.AdapterConfig` and
+:class:`~rankwise.training.TrainConfig`, whose defaults are the CLI's.
 
 Examples::
 
-    rankwise tune minilm-l6 --method svfit --task classify --data bbc --epochs 1 --out out/t
-    rankwise tune --method lora --task lm --data ptb --steps 2 --out out/l --merge out/m --export-peft out/p
+    rankwise tune minilm-l6 --method lora-xs --task classify --data bbc --epochs 1 --out out/t
+    rankwise tune --method dora --data ptb --steps 2 --out out/d --export-peft out/p
+    rankwise tune --method dylora --rank 8 --eval-rank 4 --data ptb --out out/dy
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import time
 from pathlib import Path
 
@@ -16,49 +23,32 @@ from rankwise.cli.common import positive_int
 from rankwise.errors import RankwiseError
 
 DEFAULT_LR = 2e-4
-LR_MULTIPLIER = {"svfit": 10.0, "loldu": 10.0}
-"""Methods whose few parameters are singular values / a diagonal need a larger step (SVFit, LoLDU papers)."""
+LR_MULTIPLIER = {"svfit": 10.0, "loldu": 10.0, "lora-xs": 10.0}
+"""Methods that train only singular values / a diagonal / an r×r core need a larger step (their papers)."""
+
+
+def default_lr(method: str) -> float:
+    """The learning rate ``rankwise tune`` uses when --lr is not given."""
+    return DEFAULT_LR * LR_MULTIPLIER.get(method, 1.0)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from rankwise.config import add_config_arguments
+    from rankwise.training import TrainConfig
+    from rankwise.tune.config import AdapterConfig
+
     p.add_argument("model", nargs="?", default=None, metavar="MODEL_OR_DIR",
                    help="built-in name (smollm2-135m, minilm-l6), HF folder, or rankwise checkpoint "
-                        "(for welore-lrc / heal); default smollm2-135m")
-    p.add_argument("--method", default="lora",
-                   help="lora, pissa, svfit, salt, sorsa, loldu, welore-lrc, heal (default lora)")
-    p.add_argument("--task", default="lm", choices=["lm", "classify"], help="lm (causal LM) or classify")
-    p.add_argument("--data", default="ptb", help="ptb, bbc, a .txt file (lm) or a <label>/<n>.txt folder (classify)")
-    p.add_argument("--rank", type=int, default=None, help="adapter rank (default 8; svfit: energy rank)")
-    p.add_argument("--alpha", type=float, default=None, help="scale numerator, ΔW = (alpha/rank)·BA (default 2·rank)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--steps", type=int, default=None, help="training steps (default 100 when --epochs is not given)")
-    g.add_argument("--epochs", type=float, default=None, help="passes over the training split")
-    p.add_argument("--lr", type=float, default=None,
-                   help="AdamW learning rate (default 2e-4; svfit and loldu, which train singular values / "
-                        "a diagonal, default to 10x that: 2e-3)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per training window / article (default 256)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--targets", default=None, help="regex of module names to adapt (default: all linear layers)")
-    p.add_argument("--exclude", default=None, help="regex of module names to leave alone")
-    p.add_argument("--svd", choices=["exact", "randomized"], default=None,
-                   help="initial SVDs: exact (default) or randomized")
-    p.add_argument("--svd-iters", type=int, default=None,
-                   help="power iterations of the randomized SVD (implies --svd randomized)")
-    p.add_argument("--energy", type=float, default=0.99, help="svfit: energy fraction that sets the rank")
-    p.add_argument("--lora-rank", type=int, default=None, help="salt / heal --heal-mode lora: rank of the LoRA part")
-    p.add_argument("--gamma", type=float, default=4e-4, help="sorsa: orthogonality regulariser weight")
-    p.add_argument("--heal-mode", choices=["factors", "lora"], default="factors",
-                   help="heal: train the factors (default) or a LoRA beside them")
-    p.add_argument("--dropout", type=float, default=0.0, help="adapter dropout")
-    p.add_argument("--max-train", type=int, default=None, help="classify: use N training texts")
-    p.add_argument("--max-eval", type=int, default=None, help="classify: evaluate on N test texts")
-    p.add_argument("--eval-tokens", type=int, default=4096, help="lm: perplexity token budget (default 4096)")
+                        "(for welore-lrc / heal); default smollm2-135m, or minilm-l6 with --task classify")
+    add_config_arguments(p, AdapterConfig)
+    add_config_arguments(p, TrainConfig)
     p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
-    p.add_argument("--out", required=True, help="folder for the adapter (adapter.safetensors + rankwise_adapter.json)")
+    p.add_argument("--out", required=True, help="folder for the adapter (rankwise_adapter.json + the tensors; "
+                                                "PEFT-backed methods: PEFT's own files)")
     p.add_argument("--merge", default=None, metavar="DIR",
                    help="also write the merged dense model as a standard HF folder")
-    p.add_argument("--export-peft", default=None, metavar="DIR", help="also write a PEFT LoRA folder (lora, pissa)")
+    p.add_argument("--export-peft", default=None, metavar="DIR",
+                   help="also write a PEFT adapter folder (lora, pissa, lora-ga and the PEFT-backed methods)")
     p.add_argument("--threads", type=positive_int("--threads"), default=None,
                    help="CPU threads for torch (default: torch's; 1 is often faster on an oversubscribed machine)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
@@ -79,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from rankwise.cli.common import console, write_json
+    from rankwise.config import config_from_args
     from rankwise.io.models import is_rankwise_checkpoint, load_model, load_tokenizer, resolve_model
+    from rankwise.training import TrainConfig, ensure_pad_token, evaluate, init_batches, make_dataset, train
     from rankwise.tune import (
         PEFT_EXPORTABLE,
         AdapterConfig,
@@ -89,20 +81,13 @@ def run(args: argparse.Namespace) -> int:
         save_adapter,
         trainable_parameters,
     )
-    from rankwise.tune.trainer import TrainConfig, ensure_pad_token, evaluate, make_data, train
+    from rankwise.tune.registry import DATA_INIT_METHODS
 
     # -- validate everything before the slow parts ------------------------------------------------
-    svd = args.svd or ("randomized" if args.svd_iters is not None else "exact")
-    cfg = AdapterConfig(
-        method=args.method, rank=args.rank, alpha=args.alpha, targets=args.targets, exclude=args.exclude,
-        modules_to_save="^(classifier|score)$" if args.task == "classify" else None,
-        dropout=args.dropout, svd=svd, svd_iters=2 if args.svd_iters is None else args.svd_iters,
-        energy=args.energy, lora_rank=args.lora_rank, gamma=args.gamma, heal_mode=args.heal_mode, seed=args.seed,
-    ).validate()
-    lr = args.lr if args.lr is not None else DEFAULT_LR * LR_MULTIPLIER.get(cfg.method, 1.0)
-    tcfg = TrainConfig(task=args.task, data=args.data, steps=args.steps, epochs=args.epochs, lr=lr,
-                       batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
-                       max_train=args.max_train, max_eval=args.max_eval, eval_tokens=args.eval_tokens).validate()
+    tcfg = config_from_args(TrainConfig, args)
+    cfg = config_from_args(AdapterConfig, args, seed=tcfg.seed, total_steps=tcfg.total_steps_hint,
+                           modules_to_save="^(classifier|score)$" if tcfg.task == "classify" else None)
+    lr = tcfg.lr if tcfg.lr is not None else default_lr(cfg.method)
     if args.export_peft and cfg.method not in PEFT_EXPORTABLE:
         raise RankwiseError(
             f"--export-peft supports {', '.join(PEFT_EXPORTABLE)} only; PEFT cannot represent a {cfg.method} "
@@ -118,24 +103,30 @@ def run(args: argparse.Namespace) -> int:
         from rankwise.io.texts import load_labelled
 
         _, _, labels = load_labelled(tcfg.data, "train")  # one-line error when the data has no labels
-    model_path = resolve_model(args.model)
+    model_name = args.model or ("minilm-l6" if tcfg.task == "classify" else None)
+    model_path = resolve_model(model_name)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(tcfg.seed)
 
-    # -- model ------------------------------------------------------------------------------------
-    with console.status(f"loading {args.model or 'smollm2-135m'} …"):
-        tok = load_tokenizer(args.model)
+    # -- model and data ---------------------------------------------------------------------------
+    with console.status(f"loading {model_name or 'smollm2-135m'} …"):
+        tok = load_tokenizer(model_name)
         if tcfg.task == "classify":
             if is_rankwise_checkpoint(model_path):
                 raise RankwiseError("--task classify needs a plain HF model folder, not a compressed checkpoint.")
-            model = load_model(args.model, task="classify", num_labels=len(labels),
+            model = load_model(model_name, task="classify", num_labels=len(labels),
                                id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
             ensure_pad_token(model, tok)
         else:
-            model = load_model(args.model, task="causal-lm")
+            model = load_model(model_name, task="causal-lm")
+    dataset, collator = make_dataset(tok, tcfg)
+    if cfg.total_steps is None:  # an epoch budget: adalora's schedule needs the step count
+        per_epoch = math.ceil(len(dataset) / tcfg.batch_size) // tcfg.grad_accum
+        cfg = dataclasses.replace(cfg, total_steps=max(1, math.ceil(tcfg.epochs * max(1, per_epoch))))
+    data = init_batches(tok, tcfg, cfg.init_batches) if cfg.method in DATA_INIT_METHODS else None
     t0 = time.perf_counter()
-    apply(model, cfg)
+    model = apply(model, cfg, data=data)
     init_s = time.perf_counter() - t0
     n_train, n_total = trainable_parameters(model), sum(p.numel() for p in model.parameters())
     console.print(f"[bold]{cfg.method}[/bold]: {len(model.rankwise_adapter['targets'])} layers adapted in "
@@ -143,16 +134,16 @@ def run(args: argparse.Namespace) -> int:
                   f"({100 * n_train / n_total:.3f} %)")
 
     # -- train + evaluate -------------------------------------------------------------------------
-    data = make_data(tok, tcfg)
-    result = train(model, data, tcfg)
+    result = train(model, dataset, tcfg, collator=collator, lr=lr)
     ev = None if args.no_eval else evaluate(model, tok, tcfg)
 
     # -- outputs (each atomic) --------------------------------------------------------------------
     record = {
         "task": tcfg.task, "data": tcfg.data, "labels": labels,
         "num_labels": None if labels is None else len(labels),
-        "training": {**result.to_dict(), "lr": tcfg.lr, "batch_size": tcfg.batch_size, "seq_len": tcfg.seq_len,
-                     "seed": tcfg.seed, "init_seconds": init_s},
+        "training": {**result.to_dict(), "lr": lr, "batch_size": tcfg.batch_size, "grad_accum": tcfg.grad_accum,
+                     "seq_len": tcfg.seq_len, "seed": tcfg.seed, "precision": tcfg.precision,
+                     "init_seconds": init_s},
         "eval": ev,
     }
     save_adapter(model, args.out, overwrite=args.overwrite, extra=record)
@@ -161,9 +152,11 @@ def run(args: argparse.Namespace) -> int:
     if args.merge:
         from rankwise.io.checkpoint import export_dense
 
-        merge_and_unload(model)
-        export_dense(model, args.merge, tokenizer=tok, overwrite=args.overwrite)
+        plain = merge_and_unload(model)
+        export_dense(plain, args.merge, tokenizer=tok, overwrite=args.overwrite)
     rank_txt = cfg.rank if cfg.rank is not None else ("energy" if cfg.method == "svfit" else 8)
+    if cfg.method == "dylora":
+        rank_txt = f"{rank_txt} (eval rank {cfg.eval_rank or cfg.r})"
     tr = result.to_dict()
     metric = "" if ev is None else (
         f"{tcfg.data}-test perplexity {ev['value']:.2f} ({ev['tokens']} tokens)" if ev["metric"] == "perplexity"

@@ -8,9 +8,11 @@ Usage::
     save_adapter(model, "out/adapter")     # adapter.safetensors + rankwise_adapter.json
     export_peft(model, "out/peft")         # lora / pissa: loads with peft.PeftModel.from_pretrained
 
-Methods: lora, pissa, svfit, salt, sorsa, loldu, welore-lrc, heal (see
-:data:`METHODS`). ``regularization_loss(model)`` returns SORSA's orthogonality
-term (0 for the others); the trainer adds it to the task loss.
+Methods (see :data:`METHODS`): native lora, pissa, svfit, salt, sorsa, loldu,
+lora-xs, lora-ga, dylora, welore-lrc, heal; through PEFT dora, adalora, eva,
+olora, corda, loftq (``apply`` then returns the ``peft.PeftModel``).
+``regularization_loss(model)`` returns SORSA's orthogonality term (0 for the
+others); the trainer (:mod:`rankwise.training`) adds it to the task loss.
 """
 
 from rankwise.tune.api import (
@@ -20,6 +22,7 @@ from rankwise.tune.api import (
     adapter_summary,
     apply,
     base_fingerprint,
+    check_fingerprint,
     closed_form_trainable,
     export_peft,
     load_adapter,
@@ -28,16 +31,34 @@ from rankwise.tune.api import (
     read_adapter_meta,
     regularization_loss,
     save_adapter,
+    set_eval_rank,
     trainable_parameters,
     unload,
     unmerge,
 )
 from rankwise.tune.base import AdapterLayer
 from rankwise.tune.config import AdapterConfig
-from rankwise.tune.registry import LOWRANK_METHODS, METHODS, PEFT_EXPORTABLE, canonical_method, layer_factory
+from rankwise.tune.peft_backend import is_peft_model, load_peft_adapter
+from rankwise.tune.registry import (
+    ADAPTERS,
+    LOWRANK_METHODS,
+    METHODS,
+    NATIVE_METHODS,
+    PEFT_EXPORTABLE,
+    PEFT_METHODS,
+    canonical_method,
+    layer_factory,
+)
 
 __all__ = [
+    "ADAPTERS",
     "ADAPTER_FILE",
+    "NATIVE_METHODS",
+    "PEFT_METHODS",
+    "check_fingerprint",
+    "is_peft_model",
+    "load_peft_adapter",
+    "set_eval_rank",
     "LOWRANK_METHODS",
     "METHODS",
     "META_FILE",

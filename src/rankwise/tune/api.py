@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from rankwise.surgery.modules import get_module, set_module
 from rankwise.surgery.targets import find_targets, is_matrix_module
 from rankwise.tune.base import AdapterLayer
 from rankwise.tune.config import AdapterConfig
-from rankwise.tune.registry import LOWRANK_METHODS, PEFT_EXPORTABLE, layer_factory
+from rankwise.tune.registry import LOWRANK_METHODS, PEFT_EXPORTABLE, PEFT_METHODS, layer_factory
 
 ADAPTER_FILE = "adapter.safetensors"
 META_FILE = "rankwise_adapter.json"
@@ -167,22 +168,148 @@ def _attach(
     return model
 
 
-def apply(model: nn.Module, config: AdapterConfig, progress: bool = True) -> nn.Module:
-    """Attach the adapter described by ``config`` to ``model`` in place and return it.
+def apply(model: nn.Module, config: AdapterConfig, data: Iterable[dict[str, torch.Tensor]] | None = None,
+          progress: bool = True) -> nn.Module:
+    """Attach the adapter described by ``config`` to ``model`` and return the model to train.
 
-    Only adapter parameters (and ``config.modules_to_save``) require grad
-    afterwards. Raises :class:`RankwiseError` for an unknown method, a rank
-    outside (0, min(m, n)), targets that match nothing, or a model that
-    already carries an adapter.
+    Native methods work in place and return ``model``; PEFT-backed methods
+    (:data:`~rankwise.tune.registry.PEFT_METHODS`) return the ``peft.PeftModel``
+    wrapping it. ``data``: training batches (dicts of tensors) for the
+    data-driven inits (lora-ga's gradients, eva's and corda's activations); the
+    first ``config.init_batches`` are used. Only adapter parameters (and
+    ``config.modules_to_save``) require grad afterwards. Raises
+    :class:`RankwiseError` for an unknown method, a rank outside
+    (0, min(m, n)), targets that match nothing, a layer type the method cannot
+    adapt, or a model that already carries an adapter (rankwise's or PEFT's:
+    no LoRA on LoRA).
     """
+    from rankwise.tune.peft_backend import PEFT_BUILDERS, is_peft_model, peft_layers
+
     if not isinstance(config, AdapterConfig):
         raise RankwiseError("apply needs an AdapterConfig, e.g. AdapterConfig(method='lora', rank=8).")
     config.validate()
     if adapter_layers(model):
         raise RankwiseError("the model already has a rankwise adapter; call rankwise.tune.unload(model) first.")
+    if is_peft_model(model):
+        kinds = sorted({type(m).__name__ for m in peft_layers(model).values()})
+        raise RankwiseError(
+            f"the model is already PEFT-wrapped ({', '.join(kinds) or 'PeftModel'} layers): no adapter on an "
+            "adapter; merge it first (model.merge_and_unload()) or keep training that adapter."
+        )
     mts = _modules_to_save(model, config.modules_to_save)
+    if config.method in PEFT_METHODS:
+        pm_targets = _select_peft_targets(model, config, mts)
+        fingerprint = base_fingerprint(pm_targets)
+        pm = PEFT_BUILDERS[config.method].build(model, config, pm_targets, mts, data=data, progress=progress)
+        pm.rankwise_adapter = {"config": config, "fingerprint": fingerprint,
+                               "targets": [n for n, _ in pm_targets], "modules_to_save": mts, "backend": "peft"}
+        return pm
     targets = _select_targets(model, config, mts)
-    return _attach(model, config, targets, mts, progress=progress)
+    if config.method == "lora-ga":
+        _gradients_for_init(model, targets, data, config)
+    try:
+        return _attach(model, config, targets, mts, progress=progress)
+    finally:
+        from rankwise.tune.loraga import GRAD_ATTR
+
+        for _, mod in targets:
+            if hasattr(mod, GRAD_ATTR):
+                delattr(mod, GRAD_ATTR)
+
+
+def _select_peft_targets(model: nn.Module, config: AdapterConfig, skip: list[str]) -> list[tuple[str, nn.Module]]:
+    """Targets handed to PEFT: the matching Linear/Conv1D layers and, in a compressed model, the
+    ``nn.Linear`` factors (``.A``, ``.B``) of matching LowRankLinear layers (PEFT wraps those, not the
+    composite). Modules of other types that the regex selects are returned too, so the method's check
+    can name their type."""
+    from rankwise.surgery.targets import Conv1D
+
+    try:
+        rx = re.compile(config.targets) if config.targets else None
+        ex = re.compile(config.exclude) if config.exclude else None
+    except re.error as exc:
+        raise RankwiseError(f"--targets is not a valid regular expression ({exc}); e.g. 'q_proj|v_proj'.") from exc
+    inside = tuple(s + "." for s in skip)
+    heads = {t.name for t in find_targets(model, include_heads=True)} - {t.name for t in find_targets(model)} \
+        if config.targets is None else set()
+    out: list[tuple[str, nn.Module]] = []
+    lowrank = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    for name, mod in model.named_modules():
+        if not name or name in skip or name.startswith(inside) or name in heads or (ex and ex.search(name)):
+            continue
+        parent = name.rpartition(".")[0]
+        if parent in lowrank:  # a factor: selected through its LowRankLinear
+            continue
+        if isinstance(mod, LowRankLinear):
+            if rx is None or rx.search(name):
+                kids = [(f"{name}.{k}", getattr(mod, k)) for k in ("A", "B")]
+                out += kids if all(isinstance(m, nn.Module) for _, m in kids) else [(name, mod)]
+            continue
+        if isinstance(mod, (nn.Linear, Conv1D)):
+            if rx is None or rx.search(name):
+                out.append((name, mod))
+        elif rx is not None and rx.search(name) and any(True for _ in mod.parameters(recurse=False)):
+            out.append((name, mod))
+    if not out:
+        raise RankwiseError(f"targets {config.targets!r} match no linear layer; e.g. --targets 'q_proj|v_proj'.")
+    return out
+
+
+def _gradients_for_init(model: nn.Module, targets: list[tuple[str, nn.Module]],
+                        data: Iterable[dict[str, torch.Tensor]] | None, config: AdapterConfig) -> None:
+    """LoRA-GA: average ∂L/∂W of every target over the first ``config.init_batches`` batches (m×n, float32)."""
+    from rankwise.surgery.targets import Target
+    from rankwise.tune.loraga import GRAD_ATTR
+
+    batches = [dict(b) for b in (data or [])][: config.init_batches]
+    if not batches:
+        raise RankwiseError("lora-ga initialises from gradients: pass training batches, "
+                            "rankwise.tune.apply(model, config, data=batches) (the CLI uses --data).")
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    sums = {name: None for name, _ in targets}
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for _, mod in targets:
+            mod.weight.requires_grad_(True)
+        model.train()
+        device = next(model.parameters()).device
+        for b in batches:
+            loss = model(**{k: v.to(device) for k, v in b.items()}).loss
+            loss.backward()
+            for name, mod in targets:
+                g = mod.weight.grad.detach().float()
+                sums[name] = g if sums[name] is None else sums[name] + g
+                mod.weight.grad = None
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+            p.grad = None
+        model.train(was_training)
+    for name, mod in targets:
+        g = sums[name] / len(batches)
+        setattr(mod, GRAD_ATTR, g.T if Target(name, mod).transposed else g)
+
+
+def set_eval_rank(model: nn.Module, rank: int) -> nn.Module:
+    """DyLoRA: use the first ``rank`` components at inference in every layer (1 ≤ rank ≤ trained rank)."""
+    layers = _require_adapter(model)
+    cfg: AdapterConfig = model.rankwise_adapter["config"]
+    if cfg.method != "dylora":
+        raise RankwiseError(f"--eval-rank applies to dylora only (this adapter is {cfg.method}).")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= cfg.r:
+        raise RankwiseError(f"--eval-rank {rank} is above the trained rank {cfg.r} (or below 1); DyLoRA serves "
+                            f"every rank from 1 to {cfg.r}.")
+    for layer in layers.values():
+        layer.set_eval_rank(rank)
+    cfg.eval_rank = rank
+    return model
+
+
+def _peft_backed(model: nn.Module) -> bool:
+    info = getattr(model, "rankwise_adapter", None)
+    return isinstance(info, dict) and info.get("backend") == "peft"
 
 
 def _all_merged(layers: dict[str, AdapterLayer]) -> bool:
@@ -191,6 +318,12 @@ def _all_merged(layers: dict[str, AdapterLayer]) -> bool:
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (W ← W + ΔW); merging twice is an error."""
+    if _peft_backed(model):
+        if getattr(model, "_rankwise_merged", False):
+            raise RankwiseError("the adapter is already merged; merge twice is an error (call unmerge first).")
+        model.merge_adapter()
+        model._rankwise_merged = True
+        return model
     layers = _require_adapter(model)
     if any(layer.merged for layer in layers.values()):
         raise RankwiseError("the adapter is already merged; merge twice is an error (call unmerge first).")
@@ -201,6 +334,12 @@ def merge(model: nn.Module) -> nn.Module:
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo :func:`merge` (W ← W − ΔW), restoring the base weights within float rounding."""
+    if _peft_backed(model):
+        if not getattr(model, "_rankwise_merged", False):
+            raise RankwiseError("the adapter is not merged; nothing to unmerge.")
+        model.unmerge_adapter()
+        model._rankwise_merged = False
+        return model
     layers = _require_adapter(model)
     if not _all_merged(layers):
         raise RankwiseError("the adapter is not merged; nothing to unmerge.")
@@ -210,7 +349,13 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge, then replace every adapter layer by its (now fine-tuned) base module: a plain model."""
+    """Merge, then replace every adapter layer by its (now fine-tuned) base module: a plain model.
+
+    Returns the plain model (for a PEFT-backed adapter, the unwrapped base; use the return value)."""
+    if _peft_backed(model):
+        if getattr(model, "_rankwise_merged", False):
+            model.unmerge_adapter()
+        return model.merge_and_unload()
     layers = _require_adapter(model)
     if not _all_merged(layers):
         merge(model)
@@ -221,7 +366,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove the adapter and give the original base weights back (residual methods add W_init back)."""
+    """Remove the adapter and give the original base weights back (residual methods add W_init back).
+
+    PEFT-backed adapters: ``PeftModel.unload()`` (olora/corda/loftq leave PEFT's modified base weights)."""
+    if _peft_backed(model):
+        return model.unload()
     layers = _require_adapter(model)
     for name, layer in layers.items():
         set_module(model, name, layer.original_module())
@@ -240,6 +389,10 @@ def regularization_loss(model: nn.Module) -> torch.Tensor:
 
 def closed_form_trainable(model: nn.Module) -> int:
     """Trainable parameters by each method's formula (plus modules_to_save); equals :func:`trainable_parameters`."""
+    if _peft_backed(model):
+        from rankwise.tune import peft_backend
+
+        return peft_backend.closed_form_trainable(model)
     layers = _require_adapter(model)
     total = sum(layer.closed_form_params() for layer in layers.values())
     for name in model.rankwise_adapter["modules_to_save"]:
@@ -249,6 +402,23 @@ def closed_form_trainable(model: nn.Module) -> int:
 
 def adapter_summary(model: nn.Module) -> dict[str, Any]:
     """Method, ranks, targets and parameter counts of the attached adapter (what rankwise_adapter.json holds)."""
+    if _peft_backed(model):
+        from rankwise.tune.peft_backend import peft_layers
+
+        info = model.rankwise_adapter
+        cfg = info["config"]
+        base = model.get_base_model()
+        return {
+            "format": FORMAT, "backend": "peft", "method": cfg.method, "rank": cfg.rank,
+            "ranks": {n.removeprefix("base_model.model."): int(m.r["default"]) for n, m in peft_layers(model).items()
+                      if isinstance(getattr(m, "r", None), dict) and "default" in m.r},
+            "targets": list(info["targets"]), "modules_to_save": list(info["modules_to_save"]),
+            "trainable_parameters": int(closed_form_trainable(model)),
+            "total_parameters": int(sum(p.numel() for p in model.parameters())),
+            "base_fingerprint": info["fingerprint"],
+            "base_model": str(getattr(getattr(base, "config", None), "_name_or_path", "") or ""),
+            "config": cfg.to_dict(),
+        }
     layers = _require_adapter(model)
     info = model.rankwise_adapter
     cfg: AdapterConfig = info["config"]
@@ -283,6 +453,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, overwrite: bool = Fa
 
     from rankwise import __version__
 
+    if _peft_backed(model):
+        from rankwise.tune import peft_backend
+
+        record = {**adapter_summary(model), "rankwise_version": __version__, **(extra or {})}
+        with atomic_dir(path, overwrite=overwrite) as tmp:
+            peft_backend.save(model, tmp, record)
+        return Path(path)
     layers = _require_adapter(model)
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
@@ -318,6 +495,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, progress: bool = Tru
     meta = read_adapter_meta(folder)
     if adapter_layers(model):
         raise RankwiseError("the model already has a rankwise adapter; call rankwise.tune.unload(model) first.")
+    if meta.get("backend") == "peft":  # PEFT's own folder + rankwise_adapter.json: returns the PeftModel
+        from rankwise.tune import peft_backend
+
+        check_fingerprint(model, folder, meta)
+        return peft_backend.load(model, folder, meta)
     try:
         config = AdapterConfig.from_dict(meta["config"]).validate()
         names: list[str] = list(meta["targets"])
@@ -370,6 +552,65 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, progress: bool = Tru
     return _attach(model, config, targets, mts, states=states, progress=progress)
 
 
+@torch.no_grad()
+def restore_adapter_tensors(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Copy the tensors of a saved adapter into the adapter already attached to ``model`` (Trainer resume).
+
+    The folder must hold the same method and layers (a checkpoint of this run); shapes are checked.
+    """
+    from safetensors.torch import load_file
+
+    layers = _require_adapter(model)
+    folder = Path(path).expanduser()
+    meta = read_adapter_meta(folder)
+    if meta.get("method") != model.rankwise_adapter["config"].method or sorted(meta.get("targets", [])) != sorted(
+            model.rankwise_adapter["targets"]):
+        raise RankwiseError(f"the checkpoint in {folder} holds another adapter ({meta.get('method')}); resume with "
+                            "the same --method and --targets.")
+    flat = load_file(str(folder / ADAPTER_FILE))
+    own: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        for k in layer.saved_tensors():
+            own[f"{name}.{k}"] = getattr(layer, k)
+    for name in model.rankwise_adapter["modules_to_save"]:
+        for k, v in get_module(model, name).state_dict(keep_vars=True).items():
+            own[f"{name}.{k}"] = v
+    for key, dst in own.items():
+        src = flat.get(key)
+        if src is None or tuple(src.shape) != tuple(dst.shape):
+            raise RankwiseError(f"the checkpoint in {folder} lacks {key} or has another shape; it is not from "
+                                "this run.")
+        dst.data.copy_(src.to(device=dst.device, dtype=dst.dtype))
+    return model
+
+
+def check_fingerprint(model: nn.Module, folder: Path, meta: dict[str, Any]) -> None:
+    """One-line error unless the targets recorded in ``meta`` exist in ``model`` with the same weights."""
+    try:
+        names, expected = list(meta["targets"]), meta["base_fingerprint"]
+    except KeyError as exc:
+        raise RankwiseError(f"{folder / META_FILE} lacks {exc}; save the adapter again.") from exc
+    targets: list[tuple[str, nn.Module]] = []
+    for name in names:
+        try:
+            targets.append((name, get_module(model, name)))
+        except AttributeError:
+            raise RankwiseError(
+                f"the adapter in {folder} was made for another base ({meta.get('base_model') or 'see ' + META_FILE}):"
+                f" this model lacks {name!r}."
+            ) from None
+    try:
+        got = base_fingerprint(targets)
+    except AttributeError:
+        got = ""
+    if got != expected:
+        raise RankwiseError(
+            f"the adapter in {folder} was made for another base model (weights fingerprint {expected[:12]}…, "
+            f"this model {got[:12] or 'other layer types'}…); load it on the model it was trained on "
+            f"({meta.get('base_model') or 'see ' + META_FILE})."
+        )
+
+
 # -- PEFT export ----------------------------------------------------------------------------------
 def _peft_task_type(model: nn.Module) -> str | None:
     cls = type(model).__name__
@@ -392,6 +633,12 @@ def export_peft(model: nn.Module, path: str | os.PathLike, overwrite: bool = Fal
     """
     from safetensors.torch import save_file
 
+    if _peft_backed(model):  # already PEFT's own format (olora/corda converted to a LoRA on the original W)
+        from rankwise.tune import peft_backend
+
+        with atomic_dir(path, overwrite=overwrite) as tmp:
+            peft_backend.save(model, tmp, None)
+        return Path(path)
     layers = _require_adapter(model)
     cfg: AdapterConfig = model.rankwise_adapter["config"]
     if cfg.method not in PEFT_EXPORTABLE or any(l_.wraps_lowrank for l_ in layers.values()):
@@ -406,7 +653,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, overwrite: bool = Fal
     for name, layer in layers.items():
         a, b = layer.lora_A.detach(), layer.lora_B.detach()
         r, al = layer.rank, layer.lora_alpha
-        if cfg.method == "pissa":
+        if cfg.method in ("pissa", "lora-ga"):
             a = torch.cat([a, layer.init_A.detach()], dim=0)
             b = torch.cat([b, -layer.init_B.detach()], dim=1)
             r, al = 2 * r, 2 * al
@@ -451,6 +698,7 @@ __all__ = [
     "adapter_summary",
     "apply",
     "base_fingerprint",
+    "check_fingerprint",
     "closed_form_trainable",
     "export_peft",
     "load_adapter",
@@ -458,7 +706,9 @@ __all__ = [
     "merge_and_unload",
     "read_adapter_meta",
     "regularization_loss",
+    "restore_adapter_tensors",
     "save_adapter",
+    "set_eval_rank",
     "trainable_parameters",
     "unload",
     "unmerge",

@@ -63,6 +63,7 @@ class AdapterLayer(nn.Module):
             self.transposed = t.transposed
         for p in base.parameters():
             p.requires_grad_(False)
+        self.train(base.training)  # a new module starts in training mode; follow the model's (DyLoRA's draws)
 
     # -- helpers -----------------------------------------------------------------------------------
     @property

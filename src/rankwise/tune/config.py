@@ -1,9 +1,11 @@
 """``AdapterConfig``: what to attach, where, at which rank (docs/methods.md §4).
 
 One dataclass serves every adapter; each method reads the fields it needs and
-ignores the rest (documented per field). It is stored verbatim in
-``rankwise_adapter.json`` so :func:`rankwise.tune.load_adapter` can rebuild the
-same adapter on the same base model.
+ignores the rest (documented per field). It validates itself in
+``__post_init__`` (one-line :class:`RankwiseError`), feeds the ``rankwise tune``
+options through :func:`rankwise.config.add_config_arguments`, and is stored
+verbatim in ``rankwise_adapter.json`` so :func:`rankwise.tune.load_adapter`
+can rebuild the same adapter on the same base model.
 """
 
 from __future__ import annotations
@@ -16,46 +18,73 @@ from rankwise.errors import RankwiseError
 DEFAULT_RANK = 8
 
 
+def _method_names() -> tuple[str, ...]:
+    from rankwise.tune.registry import ADAPTERS
+
+    return ADAPTERS.names()
+
+
 @dataclass
 class AdapterConfig:
-    """Configuration of a spectral adapter.
+    """Configuration of an adapter.
 
     Attributes:
-        method: one of :data:`rankwise.tune.METHODS` (``lora``, ``pissa``, ``svfit``, ``salt``, ``sorsa``,
-            ``loldu``, ``welore-lrc``, ``heal``).
+        method: one of :data:`rankwise.tune.METHODS`: native ``lora``, ``pissa``, ``svfit``, ``salt``,
+            ``sorsa``, ``loldu``, ``lora-xs``, ``lora-ga``, ``dylora``, ``welore-lrc``, ``heal``; through PEFT
+            ``dora``, ``adalora``, ``eva``, ``olora``, ``corda``, ``loftq``.
         rank: adapter rank r (default 8). For ``svfit`` ``None`` means "energy rank at ``energy``" per matrix.
-            Must satisfy 0 < r < min(m, n) for every targeted matrix.
+            Must satisfy 0 < r < min(m, n) for every targeted matrix. AdaLoRA's initial rank.
         alpha: LoRA-style scale numerator, ΔW = (alpha / r)·B A (default 2·r, PEFT's common choice).
         targets: regex searched in module names (``None``: every linear layer except the LM head / tied layers
             and the ``modules_to_save``).
         exclude: regex of module names to leave alone.
         modules_to_save: regex of extra modules trained in full and saved with the adapter (the fresh
             classification head: ``classifier|score``).
-        dropout: dropout on the adapter input (lora, pissa, salt's LoRA part, heal's LoRA).
+        dropout: dropout on the adapter input.
         svd: ``exact`` (default, LAPACK) or ``randomized`` (``torch.svd_lowrank``) for the initial SVDs.
         svd_iters: power iterations of the randomized SVD.
         energy: energy fraction that fixes svfit's rank when ``rank`` is None (docs/methods.md §4: 0.99).
         lora_rank: rank of SALT's LoRA on the residual subspace and of heal's LoRA (default: ``rank``).
         gamma: weight of SORSA's orthogonality regulariser γ(‖UᵀU − I‖² + ‖VᵀV − I‖²).
         heal_mode: ``factors`` (train the A/B factors of LowRankLinear layers) or ``lora`` (a LoRA beside them).
-        seed: seed of random initialisations (LoRA's Kaiming A, randomized SVD sketches).
+        eval_rank: dylora: the rank used at inference (≤ rank; default: rank).
+        target_rank: adalora: the average rank budget it prunes to (default rank // 2).
+        init_batches: lora-ga / eva / corda: training batches used for the data-driven init (default 8).
+        ga_gamma: lora-ga: γ of the paper's stable scale, factors × m^¼/√γ (default 16).
+        total_steps: adalora: the training length its rank schedule needs (set by the trainer).
+        seed: seed of random initialisations (LoRA's Kaiming A, randomized SVD sketches, DyLoRA's rank draws).
     """
 
-    method: str = "lora"
-    rank: int | None = None
-    alpha: float | None = None
-    targets: str | None = None
-    exclude: str | None = None
-    modules_to_save: str | None = None
-    dropout: float = 0.0
-    svd: str = "exact"
-    svd_iters: int = 2
-    energy: float = 0.99
-    lora_rank: int | None = None
-    gamma: float = 4e-4
-    heal_mode: str = "factors"
-    seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    method: str = field(default="lora", metadata={"help": "adapter method", "choices": _method_names})
+    rank: int | None = field(default=None, metadata={"help": "adapter rank (default 8; svfit: energy rank)"})
+    alpha: float | None = field(default=None, metadata={"help": "scale numerator, ΔW = (alpha/rank)·BA "
+                                                                 "(default 2·rank)"})
+    targets: str | None = field(default=None, metadata={"help": "regex of module names to adapt "
+                                                                "(default: all linear layers)"})
+    exclude: str | None = field(default=None, metadata={"help": "regex of module names to leave alone"})
+    modules_to_save: str | None = field(default=None, metadata={"cli": False})
+    dropout: float = field(default=0.0, metadata={"help": "adapter dropout"})
+    svd: str = field(default="exact", metadata={"help": "initial SVDs", "choices": ("exact", "randomized")})
+    svd_iters: int = field(default=2, metadata={"help": "power iterations of the randomized SVD"})
+    energy: float = field(default=0.99, metadata={"help": "svfit: energy fraction that sets the rank"})
+    lora_rank: int | None = field(default=None, metadata={"help": "salt / heal --heal-mode lora: rank of the "
+                                                                   "LoRA part (default --rank)"})
+    gamma: float = field(default=4e-4, metadata={"help": "sorsa: orthogonality regulariser weight"})
+    heal_mode: str = field(default="factors", metadata={"help": "heal: train the factors or a LoRA beside them",
+                                                        "choices": ("factors", "lora")})
+    eval_rank: int | None = field(default=None, metadata={"help": "dylora: rank used at inference "
+                                                                   "(<= --rank; default --rank)"})
+    target_rank: int | None = field(default=None, metadata={"help": "adalora: average rank budget after "
+                                                                     "pruning (default rank // 2)"})
+    init_batches: int = field(default=8, metadata={"help": "lora-ga / eva / corda: training batches for the "
+                                                           "data-driven init"})
+    ga_gamma: float = field(default=16.0, metadata={"help": "lora-ga: gamma of the stable scale m^(1/4)/sqrt(gamma)"})
+    total_steps: int | None = field(default=None, metadata={"cli": False})
+    seed: int = field(default=0, metadata={"cli": False})
+    extra: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     @property
     def r(self) -> int:
@@ -72,16 +101,27 @@ class AdapterConfig:
         """alpha / r: the factor in front of B A."""
         return self.lora_alpha / self.r
 
+    @staticmethod
+    def _positive(name: str, value: Any, flag: str) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise RankwiseError(f"{name} must be a positive integer, got {value!r}; e.g. {flag} 8.")
+
     def validate(self) -> AdapterConfig:
-        """Check the method-independent fields; raise a one-line :class:`RankwiseError`."""
+        """Check the method-independent fields; raise a one-line :class:`RankwiseError` (also run on init)."""
         from rankwise.tune.registry import canonical_method
 
         self.method = canonical_method(self.method)
-        if self.rank is not None:
-            if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-                raise RankwiseError(f"rank must be a positive integer, got {self.rank!r}; e.g. --rank 8.")
-        if self.lora_rank is not None and (not isinstance(self.lora_rank, int) or self.lora_rank <= 0):
-            raise RankwiseError(f"lora_rank must be a positive integer, got {self.lora_rank!r}.")
+        self._positive("rank", self.rank, "--rank")
+        self._positive("lora_rank", self.lora_rank, "--lora-rank")
+        self._positive("eval_rank", self.eval_rank, "--eval-rank")
+        self._positive("target_rank", self.target_rank, "--target-rank")
+        self._positive("init_batches", self.init_batches, "--init-batches")
+        self._positive("total_steps", self.total_steps, "--steps")
+        if self.eval_rank is not None and self.eval_rank > self.r:
+            raise RankwiseError(f"--eval-rank {self.eval_rank} is above the trained rank {self.r}; DyLoRA serves "
+                                f"every rank from 1 to {self.r}.")
+        if self.eval_rank is not None and self.method != "dylora":
+            raise RankwiseError(f"--eval-rank applies to dylora only (method is {self.method}).")
         if self.alpha is not None and not float(self.alpha) > 0:
             raise RankwiseError(f"alpha must be positive, got {self.alpha!r}; e.g. --alpha 16.")
         if self.svd not in ("exact", "randomized"):
@@ -94,6 +134,8 @@ class AdapterConfig:
             raise RankwiseError(f"dropout must lie in [0, 1), got {self.dropout}.")
         if self.gamma < 0:
             raise RankwiseError(f"gamma must be >= 0, got {self.gamma}.")
+        if not self.ga_gamma > 0:
+            raise RankwiseError(f"ga_gamma must be positive, got {self.ga_gamma}.")
         if self.heal_mode not in ("factors", "lora"):
             raise RankwiseError(f"heal_mode must be 'factors' or 'lora', got {self.heal_mode!r}.")
         return self

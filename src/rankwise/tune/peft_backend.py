@@ -1,0 +1,338 @@
+"""PEFT-backed adapters: ``dora``, ``adalora``, ``eva``, ``olora``, ``corda``, ``loftq``.
+
+PEFT already implements these well; rankwise builds the matching PEFT
+configuration, calls ``peft.get_peft_model`` (plus PEFT's own data-driven
+initialisers, ``initialize_lora_eva_weights`` and ``preprocess_corda``, fed
+with rankwise's training batches) and adds what PEFT lacks around them: the
+``rankwise tune`` CLI and data, a base-model fingerprint stored beside PEFT's
+own files so an adapter cannot be loaded on another base, healing of
+compressed models (targets may be the ``nn.Linear`` factors of a LowRankLinear)
+and loading for ``inspect --compare``. The saved folder *is* PEFT's format
+(``adapter_config.json`` + ``adapter_model.safetensors``): methods that move
+part of W into the adapter (olora, corda) are saved through PEFT's own
+conversion to a LoRA on the original weights, so ``PeftModel.from_pretrained``
+on the untouched base reproduces the trained model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankwise.errors import RankwiseError
+from rankwise.surgery.targets import Conv1D
+
+RANKWISE_BASE_FILE = "rankwise_base.safetensors"
+"""loftq only: the targeted base weights PEFT replaced by their quantised version (not a low-rank change)."""
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError as exc:  # pragma: no cover - peft is a dependency
+        raise RankwiseError("this adapter method is built through PEFT: pip install 'peft>=0.21'.") from exc
+    return peft
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """True for a ``peft.PeftModel`` or a model that carries PEFT tuner layers (already PEFT-wrapped)."""
+    try:
+        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover
+        return False
+    if isinstance(model, PeftModel):
+        return True
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def peft_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """{module name: PEFT tuner layer} of a PEFT-wrapped model."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+@dataclass(frozen=True)
+class PeftMethod:
+    """How one PEFT-backed method is configured, initialised and saved.
+
+    ``supported``: the layer types PEFT's implementation of the method accepts
+    (checked before PEFT is called, so the error names the offending layer).
+    ``converts``: PEFT's ``path_initial_model_for_weight_conversion`` turns the
+    trained adapter into a LoRA on the original weights (olora, corda).
+    ``keeps_base``: the method replaced the base weights by something that is
+    not a low-rank change (loftq's quantised W); those are saved beside.
+    """
+
+    name: str
+    supported: tuple[type, ...]
+    needs_data: bool = False
+    converts: bool = False
+    keeps_base: bool = False
+
+    # -- configuration ------------------------------------------------------------------------------
+    def peft_config(self, config, targets: list[str], mts: list[str]):
+        peft = _peft()
+        common: dict[str, Any] = {"target_modules": list(targets), "lora_alpha": config.lora_alpha,
+                                  "lora_dropout": float(config.dropout), "modules_to_save": mts or None}
+        if self.name == "adalora":
+            if config.total_steps is None:
+                raise RankwiseError("adalora's rank schedule needs the training length: set "
+                                    "AdapterConfig(total_steps=...) (the CLI sets it from --steps/--epochs).")
+            target = config.target_rank or max(1, config.r // 2)
+            return peft.AdaLoraConfig(init_r=config.r, target_r=target, total_step=int(config.total_steps),
+                                      **common)
+        kw: dict[str, Any] = {"r": config.r, **common}
+        if self.name == "dora":
+            kw["use_dora"] = True
+        elif self.name == "olora":
+            kw["init_lora_weights"] = "olora"
+        elif self.name == "eva":
+            kw["init_lora_weights"] = "eva"
+            kw["eva_config"] = peft.EvaConfig(rho=2.0)
+        elif self.name == "corda":
+            from peft.tuners.lora.config import CordaConfig
+
+            kw["init_lora_weights"] = "corda"
+            kw["corda_config"] = CordaConfig(corda_method="ipm")
+        elif self.name == "loftq":
+            kw["init_lora_weights"] = "loftq"
+            kw["loftq_config"] = peft.LoftQConfig(loftq_bits=4)
+        return peft.LoraConfig(**kw)
+
+    def check_layers(self, targets: list[tuple[str, nn.Module]]) -> None:
+        """One-line error naming the first targeted layer type PEFT's method does not support."""
+        for name, mod in targets:
+            if not isinstance(mod, self.supported):
+                kinds = ", ".join(t.__name__ for t in self.supported)
+                raise RankwiseError(
+                    f"PEFT's {self.name} does not support layers of type {type(mod).__name__} ({name}); it adapts "
+                    f"{kinds} only: choose other --targets."
+                )
+
+    def check_environment(self) -> None:
+        if self.name == "loftq":
+            import importlib.util
+
+            if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
+                raise RankwiseError("PEFT's loftq quantises with bitsandbytes on a CUDA GPU; install bitsandbytes "
+                                    "and run on a GPU, or use olora / pissa on this machine.")
+
+    # -- build ----------------------------------------------------------------------------------------
+    def build(self, model: nn.Module, config, targets: list[tuple[str, nn.Module]], mts: list[str],
+              data: Iterable[dict[str, torch.Tensor]] | None = None, progress: bool = True) -> nn.Module:
+        """The PeftModel of ``model`` (modified in place) with this method's adapter, initialised."""
+        self.check_layers(targets)
+        self.check_environment()
+        batches = None
+        if self.needs_data:
+            batches = [dict(b) for b in (data or [])][: config.init_batches]
+            if not batches:
+                raise RankwiseError(f"{self.name} initialises from data: pass batches, "
+                                    "rankwise.tune.apply(model, config, data=batches) (the CLI uses --data).")
+        peft = _peft()
+        pcfg = self.peft_config(config, [n for n, _ in targets], mts)
+        torch.manual_seed(int(config.seed))  # PEFT draws LoRA's Kaiming A from the global generator
+        device = next(model.parameters()).device
+        if self.name == "corda":
+            from peft.tuners.lora.corda import preprocess_corda
+
+            @torch.no_grad()
+            def run_model() -> None:  # PEFT's CorDA hook takes one sequence per forward
+                for b in batches:
+                    for i in range(len(b["input_ids"])):
+                        model(**{k: v[i: i + 1].to(device) for k, v in b.items() if k != "labels"})
+
+            preprocess_corda(model, pcfg, run_model=run_model)
+        pm = peft.get_peft_model(model, pcfg, low_cpu_mem_usage=self.name == "eva")
+        if self.name == "eva":
+            from peft import initialize_lora_eva_weights
+
+            moved = [{k: v.to(device) for k, v in b.items() if k != "labels"} for b in batches]
+            initialize_lora_eva_weights(pm, moved, show_progress_bar=progress)
+        init_dir = None
+        if self.converts:
+            # PEFT's recipe for a LoRA on the original weights: keep the initial adapter, saved as plain LoRA
+            init_dir = tempfile.TemporaryDirectory(prefix="rankwise-peft-init-")
+            c = pm.peft_config["default"]
+            old = c.init_lora_weights
+            c.init_lora_weights = True
+            pm.save_pretrained(init_dir.name)
+            c.init_lora_weights = old
+        pm._rankwise_init_dir = init_dir  # noqa: SLF001 - lives as long as the model
+        return pm
+
+    # -- parameters -----------------------------------------------------------------------------------
+    def closed_form_params(self, layer: nn.Module) -> int:
+        """Trainable parameters of one PEFT layer from the method's formula and the layer's rank."""
+        base = layer.get_base_layer()
+        if isinstance(base, Conv1D):
+            n, m = base.weight.shape
+        else:
+            m, n = base.weight.shape
+        r = int(layer.r["default"])
+        if self.name == "adalora":
+            return r * (m + n) + r  # P (m×r), Q (r×n) and the r singular values E
+        if self.name == "dora":
+            return r * (m + n) + m  # plus the magnitude vector
+        return r * (m + n)
+
+
+_LINEAR = (nn.Linear, Conv1D)
+PEFT_BUILDERS: dict[str, PeftMethod] = {
+    "dora": PeftMethod("dora", _LINEAR),
+    "adalora": PeftMethod("adalora", _LINEAR),
+    "eva": PeftMethod("eva", _LINEAR, needs_data=True),
+    "olora": PeftMethod("olora", (nn.Linear,), converts=True),
+    "corda": PeftMethod("corda", (nn.Linear,), needs_data=True, converts=True),
+    "loftq": PeftMethod("loftq", _LINEAR, keeps_base=True),
+}
+
+
+def method_of(model: nn.Module) -> PeftMethod:
+    info = getattr(model, "rankwise_adapter", None)
+    if info is None:
+        raise RankwiseError("this PEFT model was not built by rankwise.tune.apply; use PEFT's own API on it.")
+    return PEFT_BUILDERS[info["config"].method]
+
+
+def closed_form_trainable(model: nn.Module) -> int:
+    pm = method_of(model)
+    total = sum(pm.closed_form_params(layer) for layer in peft_layers(model).values()
+                if hasattr(layer, "r") and "default" in getattr(layer, "r", {}))
+    for name in model.rankwise_adapter["modules_to_save"]:
+        total += sum(p.numel() for p in model.base_model.model.get_submodule(name).parameters())
+    return total
+
+
+# -- save / load ----------------------------------------------------------------------------------
+def save(model: nn.Module, folder: Path, record: dict[str, Any] | None) -> None:
+    """Write PEFT's files (converted to a LoRA on the original W where PEFT can) + rankwise_adapter.json
+    (``record``; None writes PEFT's files only, for ``export_peft``)."""
+    from safetensors.torch import save_file
+
+    from rankwise.tune.api import META_FILE
+
+    pm = method_of(model)
+    init_dir = getattr(model, "_rankwise_init_dir", None)
+    kw = {}
+    if pm.converts and init_dir is not None:
+        kw["path_initial_model_for_weight_conversion"] = init_dir.name
+    model.save_pretrained(str(folder), **kw)
+    if pm.keeps_base:
+        tensors = {n: t.weight.detach().cpu().contiguous() for n, t in
+                   ((n, layer.get_base_layer()) for n, layer in peft_layers(model).items())}
+        save_file(tensors, str(folder / RANKWISE_BASE_FILE))
+    if record is not None:
+        (folder / META_FILE).write_text(json.dumps(record, indent=2))
+
+
+def _target_shapes(folder: Path) -> dict[str, tuple[int, int]]:
+    """{module name: (out, in)} of every LoRA pair in a PEFT adapter folder."""
+    from safetensors import safe_open
+
+    f = folder / "adapter_model.safetensors"
+    if not f.is_file():
+        raise RankwiseError(f"{folder} has no adapter_model.safetensors; pass a folder written by PEFT's "
+                            "save_pretrained or rankwise tune.")
+    shapes: dict[str, list[int]] = {}
+    with safe_open(str(f), framework="pt") as h:
+        for k in h.keys():
+            m = re.match(r"base_model\.model\.(.+)\.lora_([AB])(?:\.weight)?$", k)
+            if not m:
+                continue
+            s = h.get_slice(k).get_shape()
+            d = shapes.setdefault(m.group(1), [0, 0])
+            if m.group(2) == "A":
+                d[1] = int(s[-1])
+            else:
+                d[0] = int(s[0])
+    return {k: (v[0], v[1]) for k, v in shapes.items()}
+
+
+def check_peft_folder_base(model: nn.Module, folder: Path) -> dict[str, Any]:
+    """PEFT's adapter_config.json of ``folder`` after checking it was made for ``model`` (one-line error if not).
+
+    A rankwise-written folder carries the base fingerprint (checked by the caller); a folder from PEFT
+    itself is checked by its target layers: each must exist in ``model`` with the adapter's shapes.
+    """
+    from rankwise.surgery.modules import get_module
+    from rankwise.surgery.targets import Target
+
+    cfg_file = folder / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise RankwiseError(f"{folder} has no adapter_config.json; it is not a PEFT adapter folder.")
+    try:
+        pcfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise RankwiseError(f"{cfg_file} is not valid JSON ({exc}).") from exc
+    where = pcfg.get("base_model_name_or_path") or "its base model"
+    for name, (out_f, in_f) in _target_shapes(folder).items():
+        try:
+            mod = get_module(model, name)
+        except AttributeError:
+            raise RankwiseError(f"the PEFT adapter in {folder} was made for another base ({where}): this model "
+                                f"has no layer {name!r}.") from None
+        if isinstance(mod, (nn.Linear, Conv1D)):
+            m, n = Target(name, mod).shape
+            if (m, n) != (out_f, in_f):
+                raise RankwiseError(f"the PEFT adapter in {folder} was made for another base ({where}): {name} is "
+                                    f"{m}x{n} here but {out_f}x{in_f} in the adapter.")
+    return pcfg
+
+
+def load(model: nn.Module, folder: Path, meta: dict[str, Any] | None, is_trainable: bool = False) -> nn.Module:
+    """PeftModel.from_pretrained(model, folder) after the base checks; loftq's base weights put back."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from rankwise.surgery.modules import get_module
+
+    if is_peft_model(model):
+        raise RankwiseError("the model is already PEFT-wrapped; load the adapter on the plain base model.")
+    check_peft_folder_base(model, folder)
+    base_file = folder / RANKWISE_BASE_FILE
+    if base_file.is_file():
+        with torch.no_grad():
+            for name, w in load_file(str(base_file)).items():
+                get_module(model, name).weight.copy_(w)
+    pm = PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
+    if meta is not None:
+        from rankwise.tune.config import AdapterConfig
+
+        pm.rankwise_adapter = {
+            "config": AdapterConfig.from_dict(meta["config"]),
+            "fingerprint": meta["base_fingerprint"],
+            "targets": list(meta["targets"]),
+            "modules_to_save": list(meta.get("modules_to_save", [])),
+            "backend": "peft",
+        }
+        pm._rankwise_init_dir = None  # noqa: SLF001 - loaded adapters are already converted
+    return pm
+
+
+def load_peft_adapter(model: nn.Module, path: str | os.PathLike, merge: bool = True) -> nn.Module:
+    """A PEFT adapter folder (PEFT's own or rankwise's) on ``model``: for ``inspect --compare``.
+
+    Checks the base (rankwise's fingerprint when present, else the target layer shapes), loads with
+    ``peft.PeftModel.from_pretrained`` and, with ``merge`` (default), returns the merged plain model
+    whose weights inspect compares with the base's.
+    """
+    from rankwise.tune.api import META_FILE, check_fingerprint, read_adapter_meta
+
+    folder = Path(path).expanduser()
+    meta = read_adapter_meta(folder) if (folder / META_FILE).is_file() else None
+    if meta is not None:
+        check_fingerprint(model, folder, meta)
+    pm = load(model, folder, meta)
+    return pm.merge_and_unload() if merge else pm
