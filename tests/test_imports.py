@@ -13,7 +13,7 @@ import rankwise
 from rankwise.cli import main as cli_main
 from rankwise.progress import progress, quiet, set_quiet
 
-HEAVY = ("torch", "transformers", "numpy", "safetensors", "peft")
+HEAVY = ("torch", "transformers", "numpy", "peft")  # safetensors (a Rust extension, ~1 ms) is fine
 
 
 def _run(code: str) -> str:
@@ -26,6 +26,13 @@ def _run(code: str) -> str:
 def test_import_rankwise_imports_no_torch():
     loaded = _run(f"import sys, rankwise; print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
     assert loaded == ""
+
+
+def test_engine_and_config_modules_import_no_torch():
+    code = ("import sys, rankwise.engine, rankwise.engine.device, rankwise.config, rankwise.registry\n"
+            "import rankwise.progress\n"
+            f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
+    assert _run(code) == ""
 
 
 def test_top_level_help_imports_no_torch():

@@ -1,31 +1,41 @@
-"""The SVD engine: spectra, truncated factorisations, metrics, power-law fits, whitening maths."""
+"""The SVD engine: spectra, truncated factorisations, metrics, power-law fits, whitening maths, devices.
 
-from rankwise.engine.metrics import (
-    break_even_rank,
-    condition_number,
-    effective_rank,
-    energy_rank,
-    l12_norm,
-    nuclear_norm,
-    stable_rank,
-)
-from rankwise.engine.powerlaw import PowerLawFit, fit_power_law
-from rankwise.engine.svd import singular_values, spectra, truncated_svd
-from rankwise.engine.whitening import cholesky_factor, inverse_sqrt_factor
+Every dense decomposition of the package (LAPACK / cuSOLVER) lives in this package:
+:mod:`~rankwise.engine.svd`, :mod:`~rankwise.engine.linalg`, :mod:`~rankwise.engine.whitening`,
+:mod:`~rankwise.engine.subspace`. Names are imported on first access (PEP 562), so importing a
+light module such as :mod:`rankwise.engine.device` (whose option checks config dataclasses use)
+does not import torch.
+"""
 
-__all__ = [
-    "PowerLawFit",
-    "break_even_rank",
-    "cholesky_factor",
-    "condition_number",
-    "effective_rank",
-    "energy_rank",
-    "fit_power_law",
-    "inverse_sqrt_factor",
-    "l12_norm",
-    "nuclear_norm",
-    "singular_values",
-    "spectra",
-    "stable_rank",
-    "truncated_svd",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY: dict[str, str] = {
+    "break_even_rank": "rankwise.engine.metrics",
+    "condition_number": "rankwise.engine.metrics",
+    "effective_rank": "rankwise.engine.metrics",
+    "energy_rank": "rankwise.engine.metrics",
+    "l12_norm": "rankwise.engine.metrics",
+    "nuclear_norm": "rankwise.engine.metrics",
+    "stable_rank": "rankwise.engine.metrics",
+    "PowerLawFit": "rankwise.engine.powerlaw",
+    "fit_power_law": "rankwise.engine.powerlaw",
+    "singular_values": "rankwise.engine.svd",
+    "spectra": "rankwise.engine.svd",
+    "thin_svd": "rankwise.engine.svd",
+    "truncated_svd": "rankwise.engine.svd",
+    "cholesky_factor": "rankwise.engine.whitening",
+    "inverse_sqrt_factor": "rankwise.engine.whitening",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rankwise.engine' has no attribute {name!r}")

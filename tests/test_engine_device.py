@@ -1,0 +1,78 @@
+"""engine/device.py: torch-free option checks, device/dtype resolution with one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rankwise.engine import device as dev
+from rankwise.errors import RankwiseError
+
+
+def test_checks_import_no_torch():
+    code = ("import sys, rankwise.engine.device as d\n"
+            "assert d.check_device(' CUDA:0 ') == 'cuda:0' and d.check_dtype('fp16') == 'float16'\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("CPU", "cpu"), ("cuda", "cuda"), ("cuda:3", "cuda:3"),
+                                             (torch.device("cpu"), "cpu")])
+def test_check_device_accepts(value, expected):
+    assert dev.check_device(value) == expected
+
+
+@pytest.mark.parametrize("value", ["gpu", "cuda:", "cuda:x", "", None, 3])
+def test_check_device_rejects_in_one_line(value):
+    with pytest.raises(RankwiseError, match=r"^unknown device .*; use auto\|cpu\|cuda\|cuda:N\.$"):
+        dev.check_device(value)
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("BF16", "bfloat16"), ("torch.float16", "float16"),
+                                             ("half", "float16"), ("fp32", "float32"), ("float", "float32")])
+def test_check_dtype_canonicalises(value, expected):
+    assert dev.check_dtype(value) == expected
+
+
+def test_check_dtype_passes_torch_dtypes_and_rejects_others():
+    assert dev.check_dtype(torch.bfloat16) is torch.bfloat16
+    for bad in ("int8", "float64", "", None, 16):
+        with pytest.raises(RankwiseError, match="^unknown dtype"):
+            dev.check_dtype(bad)
+
+
+def test_resolve_dtype():
+    assert dev.resolve_dtype("auto") is torch.float32
+    assert dev.resolve_dtype("auto", torch.bfloat16) is torch.bfloat16
+    assert dev.resolve_dtype(None, torch.float16) is torch.float16
+    assert dev.resolve_dtype("bf16") is torch.bfloat16 and dev.resolve_dtype(torch.float64) is torch.float64
+    with pytest.raises(RankwiseError, match=r"^unknown --dtype 'int4'"):
+        dev.resolve_dtype("int4")
+    with pytest.raises(RankwiseError, match="not a floating-point weight dtype"):
+        dev.resolve_dtype(torch.int8)
+    assert dev.DTYPES["fp16"] is torch.float16 and dev.DTYPES["auto"] is None
+    assert dev.dtype_name(torch.bfloat16) == "bfloat16"
+
+
+def test_config_dtype_reads_dtype_or_legacy_torch_dtype():
+    assert dev.config_dtype(type("C", (), {"torch_dtype": "bfloat16"})()) is torch.bfloat16
+    assert dev.config_dtype(type("C", (), {"dtype": torch.float16})()) is torch.float16
+    assert dev.config_dtype(type("C", (), {"dtype": "int8"})()) is None
+    assert dev.config_dtype(object()) is None
+
+
+def test_resolve_device_cpu_and_errors(monkeypatch):
+    assert dev.resolve_device("cpu") == torch.device("cpu")
+    assert dev.resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert dev.stats_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(RankwiseError, match=r"^unknown --device 'tpu'"):
+        dev.resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dev.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(RankwiseError, match="asked for CUDA but this machine has cpu only"):
+        dev.resolve_device("cuda:0")
