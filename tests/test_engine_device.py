@@ -29,7 +29,7 @@ def test_check_device_accepts(value, expected):
 
 @pytest.mark.parametrize("value", ["gpu", "cuda:", "cuda:x", "", None, 3])
 def test_check_device_rejects_in_one_line(value):
-    with pytest.raises(RankwiseError, match=r"^unknown device .*; use auto\|cpu\|cuda\|cuda:N\.$"):
+    with pytest.raises(RankwiseError, match=r"^unknown device .*; use auto, cpu, cuda or cuda:N\.$"):
         dev.check_device(value)
 
 

@@ -36,7 +36,7 @@ def check_device(value: Any) -> str:
         value = str(value)
     d = value.strip().lower() if isinstance(value, str) else ""
     if not (d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
-        raise RankwiseError(f"unknown device {value!r}; use {DEVICES_HELP}.")
+        raise RankwiseError(f"unknown device {value!r}; use auto, cpu, cuda or cuda:N.")
     return d
 
 

@@ -10,29 +10,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from rankwise.engine.device import DTYPE_CHOICES, check_device, check_dtype  # torch-free checks
 from rankwise.errors import RankwiseError, check_ratio
 
 DEVICE_HELP = "where the decompositions run: auto (CUDA when present), cpu, cuda or cuda:N"
-DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")  # = engine.device.DTYPE_CHOICES (no torch import here)
-_DTYPE_ALIASES = ("bf16", "fp16", "half", "fp32", "float")
-
-
-def check_device(value: Any) -> str:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (whether it exists is checked when the work starts)."""
-    d = value.strip().lower() if isinstance(value, str) else ""
-    if not (d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
-        raise RankwiseError(f"unknown device {value!r}; use auto, cpu, cuda or cuda:N.")
-    return d
-
-
-def check_dtype(value: Any) -> Any:
-    """A dtype name (auto, bfloat16, float16, float32 and their short forms) or a ``torch.dtype``."""
-    if type(value).__name__ == "dtype":  # a torch.dtype given through the Python API
-        return value
-    d = value.strip().lower().removeprefix("torch.") if isinstance(value, str) else None
-    if d not in (*DTYPE_CHOICES, *_DTYPE_ALIASES):
-        raise RankwiseError(f"unknown dtype {value!r}; use one of {', '.join(DTYPE_CHOICES)}.")
-    return d
 
 
 @dataclass
