@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from typing import Any
@@ -33,6 +34,25 @@ def positive_int(name: str):
         return v
 
     return parse
+
+
+def add_model_argument(parser: argparse.ArgumentParser, help: str, metavar: str | None = None) -> None:
+    """The optional positional MODEL every verb takes (default: the built-in smollm2-135m)."""
+    parser.add_argument("model", nargs="?", default=None, metavar=metavar, help=help)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, what: str, dense: str | None = None) -> None:
+    """``--out DIR`` (required, written atomically), ``--overwrite`` and, given ``dense``, ``--export-dense DIR``."""
+    parser.add_argument("--out", required=True, metavar="DIR", help=f"output folder ({what}; written atomically)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    if dense is not None:
+        parser.add_argument("--export-dense", default=None, metavar="DIR",
+                            help=f"also write a plain HF folder ({dense}) that from_pretrained loads")
+
+
+def add_json_argument(parser: argparse.ArgumentParser, what: str = "the result") -> None:
+    """``--json PATH`` ('-' = stdout), written by :func:`write_json`."""
+    parser.add_argument("--json", default=None, metavar="PATH", help=f"write {what} as JSON ('-' = stdout)")
 
 
 def write_json(data: Any, dest: str | None) -> None:

@@ -12,21 +12,17 @@ from __future__ import annotations
 import argparse
 import time
 
-from rankwise.cli.common import console, write_json
+from rankwise.cli.common import add_json_argument, add_model_argument, add_output_arguments, console, write_json
 from rankwise.config import add_config_arguments, config_from_args
 from rankwise.errors import RankwiseError
 from rankwise.quantization.api import QuantizeConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", default=None,
-                        help="built-in name, HF folder or rankwise compress output (default: smollm2-135m)")
+    add_model_argument(parser, "built-in name, HF folder or rankwise compress output (default: smollm2-135m)")
     add_config_arguments(parser, QuantizeConfig)
-    parser.add_argument("--out", required=True, help="output folder (a rankwise checkpoint with packed weights)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    parser.add_argument("--export-dense", default=None, metavar="DIR",
-                        help="also write a plain HF folder (dequantised weights) that from_pretrained loads")
-    parser.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON ('-' = stdout)")
+    add_output_arguments(parser, "a rankwise checkpoint with packed weights", dense="dequantised weights")
+    add_json_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
