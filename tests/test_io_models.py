@@ -190,6 +190,11 @@ def test_load_rejects_broken_checkpoints(tmp_path: Path) -> None:
     name = next(iter(meta["layers"]))
     meta["layers"][name]["rank"] = 7  # inconsistent with the stored tensors
     (tmp_path / "ck" / "rankwise.json").write_text(json.dumps(meta))
+    with pytest.raises(RankwiseError, match="layer maps of rankwise.json and config.json"):
+        load(tmp_path / "ck")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    cfg["quantization_config"]["layers"][name]["rank"] = 7
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(RankwiseError, match="do not match the rank map"):
         load(tmp_path / "ck")
     save(model, tmp_path / "ck2")

@@ -21,6 +21,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 from rankwise.errors import RankwiseError
+from rankwise.io.hf_integration import install as _install_transformers_integration
+
+# quant_method "rankwise" for transformers' from_pretrained: registered now if transformers' quantizer
+# registry is loaded, else by a one-shot import hook (no torch/transformers import here)
+_install_transformers_integration()
 
 #: public name → (module, attribute; None for the module itself), imported on first access
 _LAZY: dict[str, tuple[str, str | None]] = {
