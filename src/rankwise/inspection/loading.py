@@ -119,7 +119,9 @@ def _locate(t: Target, keys: set[str], prefix: str, reader, folder: Path) -> tup
     m, n = t.shape
     for base in names:
         key = f"{base}.weight"
-        if key in keys:
+        # a factorised layer also stores an empty placeholder under name.weight (docs/checkpoint.md): factors first
+        factored = any(f"{base}{x}" in keys for x in (".A.weight", ".A"))
+        if key in keys and not factored:
             want = (n, m) if t.transposed else (m, n)
             got = tuple(reader.shape(key))
             if got != want:
