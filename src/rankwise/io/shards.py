@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from rankwise.errors import RankwiseError
+from rankwise.errors import DAMAGED_FILE_ERRORS, RankwiseError
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -253,7 +253,7 @@ class CheckpointReader:
                     self._meta[key] = (shape, code)
         except RankwiseError:
             raise
-        except Exception as exc:  # safetensors raises SafetensorError / OSError for damaged headers
+        except DAMAGED_FILE_ERRORS as exc:  # safetensors raises SafetensorError / OSError for damaged headers
             raise RankwiseError(
                 f"cannot read the header of {rel} in {self.folder} ({_first_line(exc)}); "
                 "the file is truncated or corrupt, copy or write the checkpoint again."
@@ -338,7 +338,7 @@ class CheckpointReader:
             if fh is None:
                 fh = self._handles[rel] = safe_open(str(self.folder / rel), framework="pt")
             t = fh.get_tensor(key)
-        except Exception as exc:
+        except DAMAGED_FILE_ERRORS as exc:  # SafetensorError for a truncated buffer, OSError for a vanished file
             raise RankwiseError(f"cannot read tensor {key} from {rel} in {self.folder} ({_first_line(exc)}); "
                                 "the file is damaged, copy or write it again.") from exc
         if device is not None or dtype is not None:
