@@ -1,4 +1,5 @@
-"""Two-process DDP (gloo, CPU): GaLoreAdamW keeps parameters identical across ranks for every projection."""
+"""Two-process DDP (gloo, CPU): GaLoreAdamW keeps parameters identical across ranks for every projection,
+and so does Cuttlefish when it switches layers to factors in the middle of training."""
 
 from __future__ import annotations
 
@@ -49,19 +50,75 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 losses.append(float(loss.detach()))
             flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
             results[f"{projection}-{fira}"] = {"params": flat, "losses": losses}
+        results["cuttlefish"] = _cuttlefish(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_ddp_two_ranks_keep_identical_parameters(tmp_path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+def _cuttlefish(rank: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rankwise.errors import RankwiseError
+    from rankwise.surgery import LowRankLinear
+    from rankwise.train import Cuttlefish
+
     torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                         num_key_value_heads=2, num_hidden_layers=1, vocab_size=64))
+    out: dict = {}
+    try:  # DDP that refuses unused parameters: a one-line error instead of a hang or a silent desync
+        Cuttlefish(check_every=1, patience=1, tol=10.0).step_end(DDP(model), 1, None)
+    except RankwiseError as exc:
+        out["error"] = str(exc)
+    ddp = DDP(model, find_unused_parameters=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    cb = Cuttlefish(check_every=1, patience=1, tol=10.0)  # every matrix settles at the 2nd check: switch at step 2
+    g = torch.Generator().manual_seed(200 + rank)  # different data on each rank
+    losses, factors_at_switch = [], None
+    for step in range(1, 7):
+        x = torch.randint(0, 64, (2, 16), generator=g)
+        loss = ddp(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        cb.on_step_end(ddp, step, optimizer=opt)
+        losses.append(float(loss.detach()))
+        if step == 2:
+            factors_at_switch = {n: p.detach().clone() for n, p in model.named_parameters() if ".A." in n or ".B." in n}
+    out["losses"] = losses
+    out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out["switched"] = sorted(n for n, m in model.named_modules() if isinstance(m, LowRankLinear))
+    out["at_switch"] = factors_at_switch
+    return out
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(2, _free_port(), str(d)), nprocs=2, join=True)
+    return [torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_ddp_two_ranks_keep_identical_parameters(ranks) -> None:
+    r0, r1 = ranks
+    r0 = {k: v for k, v in r0.items() if k != "cuttlefish"}
     for key in r0:
         assert r0[key]["losses"] != r1[key]["losses"], key  # the ranks really saw different batches
         torch.testing.assert_close(r0[key]["params"], r1[key]["params"], atol=0, rtol=0, msg=key)
     # and training did change the parameters (the comparison is not of two untouched inits)
     assert not torch.equal(r0["svd-False"]["params"], r0["dct-False"]["params"])
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_cuttlefish_under_ddp_keeps_processes_identical(ranks) -> None:
+    c0, c1 = ranks[0]["cuttlefish"], ranks[1]["cuttlefish"]
+    assert "find_unused_parameters=True" in c0["error"] and "\n" not in c0["error"]
+    assert c0["switched"] and c0["switched"] == c1["switched"]  # layers were factorised, the same on both
+    assert c0["losses"] != c1["losses"]  # the processes saw different batches
+    for name, p in c0["params"].items():  # ... and still hold bitwise the same weights, factors included
+        assert torch.equal(p, c1["params"][name]), name
+    moved = [n for n, p in c0["at_switch"].items() if not torch.equal(p, c0["params"][n])]
+    assert moved, "the factors did not train after the switch"

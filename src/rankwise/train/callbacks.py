@@ -90,6 +90,46 @@ def replace_in_optimizer(
     home["params"].extend(new)
 
 
+def _unwrap_ddp(model: nn.Module, who: str) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (checked to tolerate unused parameters)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(model, DistributedDataParallel):
+        return model
+    if not model.find_unused_parameters:
+        raise RankwiseError(
+            f"{who} replaces weights by factors during training, which DDP then sees as unused parameters; wrap the "
+            "model with DistributedDataParallel(model, find_unused_parameters=True) (Trainer: "
+            "ddp_find_unused_parameters=True)."
+        )
+    return model.module
+
+
+def sync_new_parameters(params: list[nn.Parameter]) -> None:
+    """Make parameters created during a data-parallel run (a switched layer's factors) train in sync.
+
+    DDP registers its parameters once, when it wraps the model, so factors created later never join its
+    gradient all-reduce and every process would train its own copy. Here they are broadcast from
+    process 0 (every process built the same factors from identical weights; this makes it exact) and
+    each gets a hook that averages its gradient over the processes once backward has accumulated it.
+    No-op without an initialised process group of more than one process.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    world = dist.get_world_size()
+
+    def average(param: torch.Tensor) -> None:
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad.div_(world)
+
+    for p in params:
+        dist.broadcast(p.data, src=0)
+        p.register_post_accumulate_grad_hook(average)
+
+
 class _RankCallback(TrainerCallback):
     """Plain-loop / Hugging Face dual interface shared by TRP and Cuttlefish."""
 
@@ -254,6 +294,7 @@ class Cuttlefish(_RankCallback):
     def step_end(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None) -> None:
         if step % self.check_every != 0:
             return
+        model = _unwrap_ddp(model, self.name)
         live = [
             t for t in self.check_model(model) if t.name not in self.done and not isinstance(t.module, LowRankLinear)
         ]
@@ -279,6 +320,7 @@ class Cuttlefish(_RankCallback):
             set_module(model, t.name, layer)
             new_params = [layer.A.weight, layer.B.weight] + ([layer.bias] if layer.bias is not None else [])
             replace_in_optimizer(optimizer, old_params, new_params)
+            sync_new_parameters(new_params)  # under DDP: the factors join the gradient averaging
             self.ranks[t.name] = k
             self.events.append({"step": step, "layer": t.name, "action": "factorise", "rank": k, "stable_rank": sr})
             log.info("Cuttlefish: step %d switched %s to rank %d (stable rank %.2f)", step, t.name, k, sr)
