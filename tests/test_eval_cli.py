@@ -146,12 +146,13 @@ def _run(argv: list[str], capsys) -> tuple[int, str, str]:
 
 def test_cli_eval_dense_folder_json_stdout(folders, capsys) -> None:
     rc, out, err = _run(["eval", str(folders["dense"]), "--text", str(folders["long"]), "--tokens", "64",
-                         "--seq-len", "32", "--json", "-"], capsys)
+                         "--seq-len", "32", "--threads", "1", "--device", "cpu", "--json", "-"], capsys)
     assert rc == 0, err
     data = json.loads(out)
     assert set(data) >= {"rankwise_version", "settings", "models", "comparison", "seconds"}
     assert data["settings"] == {"texts": [str(folders["long"])], "split": "test", "tokens": 64, "seq_len": 32,
-                                "speed": None}
+                                "speed": None, "threads": 1, "device": "cpu", "device_map": None, "max_memory": None,
+                                "dtype": "auto"}
     (m,) = data["models"]
     assert m["kind"] == "dense" and m["speed"] is None and data["comparison"] is None
     p = m["perplexity"][str(folders["long"])]
@@ -209,3 +210,89 @@ def test_cli_eval_missing_model(tmp_path, capsys) -> None:
     assert rc == 2 and "does not exist" in err
     rc, _, err = _run(["eval", "no-such-model"], capsys)
     assert rc == 2 and "unknown model" in err
+
+
+def test_cli_eval_several_models_and_plot(folders, capsys, tmp_path) -> None:
+    png, dest = tmp_path / "o" / "pareto.png", tmp_path / "o" / "eval.json"
+    rc, out, err = _run(["eval", str(folders["dense"]), str(folders["comp"]), "--text", str(folders["long"]),
+                         "--tokens", "64", "--seq-len", "32", "--prompt-tokens", "16", "--new-tokens", "2",
+                         "--repeats", "1", "--warmup", "0", "--threads", "1", "--plot", str(png), "--json",
+                         str(dest)], capsys)
+    assert rc == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    data = json.loads(dest.read_text())
+    assert data["plot"] == str(png) and data["comparison"] is None
+    assert [m["label"] for m in data["models"]] == ["model", "model_2"]
+    assert [m["path"] for m in data["models"]] == [str(folders["dense"]), str(folders["comp"])]
+    assert [m["kind"] for m in data["models"]] == ["dense", "rankwise"]
+    assert all(m["speed"]["prefill_tokens_per_s"] > 0 for m in data["models"])  # --plot turned --speed on
+    assert data["models"][1]["size"]["disk_bytes"] < data["models"][0]["size"]["disk_bytes"]
+    assert sorted(p.name for p in png.parent.iterdir()) == ["eval.json", "pareto.png"]  # no temporary left
+
+
+def test_cli_eval_nan_weight_is_one_line(folders, capsys, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from rankwise.io.checkpoint import load
+
+    broken = tmp_path / "dense"  # a plain folder whose file holds a NaN
+    __import__("shutil").copytree(folders["dense"], broken)
+    sd = load_file(str(broken / "model.safetensors"))
+    sd["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(sd, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    comp = load(folders["comp"])  # a compressed checkpoint saved with an Inf in one factor
+    layer = comp.get_submodule("model.layers.1.self_attn.v_proj")
+    with torch.no_grad():
+        next(p for p in layer.parameters() if p.dim() == 2)[0, 0] = float("inf")
+    save(comp, tmp_path / "comp", tokenizer=tiny_tokenizer())
+    capsys.readouterr()
+    for folder, needle in ((broken, "model.layers.1.mlp.down_proj"), (tmp_path / "comp", "layers.1.self_attn.v_proj")):
+        rc, out, err = _run(["eval", str(folder), "--text", str(folders["long"]), "--tokens", "64", "--seq-len",
+                             "32", "--json", "-", "--quiet"], capsys)
+        lines = err.strip().splitlines()
+        assert rc == 2 and out == "" and len(lines) == 1, err
+        assert "NaN/Inf" in lines[0] and needle in lines[0] and "Traceback" not in err
+
+
+def test_cli_eval_device_map_auto(folders, capsys) -> None:
+    # 1 kB of CPU memory allowed: accelerate offloads the whole model to disk and streams it in per forward
+    rc, out, err = _run(["eval", str(folders["dense"]), "--text", str(folders["long"]), "--tokens", "64",
+                         "--seq-len", "32", "--device-map", "auto", "--max-memory", "cpu=1KB", "--json", "-"], capsys)
+    assert rc == 0, err
+    data = json.loads(out)
+    s = data["settings"]
+    assert (s["device_map"], s["device"], s["max_memory"]) == ("auto", None, {"cpu": "1KB"})
+    (m,) = data["models"]
+    assert m["placement"] == {"disk": 1}  # accelerate placed it: everything offloaded
+    rc0, out0, _ = _run(["eval", str(folders["dense"]), "--text", str(folders["long"]), "--tokens", "64",
+                         "--seq-len", "32", "--device", "cpu", "--json", "-"], capsys)
+    ref = json.loads(out0)["models"][0]["perplexity"]
+    key = str(folders["long"])
+    assert m["perplexity"][key]["perplexity"] == pytest.approx(ref[key]["perplexity"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("argv_tail", "needle"),
+    [
+        (["--warmup", "-1"], "--warmup must be a whole number 0 or more"),
+        (["--tokens", "0"], "--tokens must be at least 1"),
+        (["--threads", "two"], "--threads must be a whole number"),
+        (["--dtype", "int4"], "unknown dtype 'int4'"),
+        (["--device-map", "everywhere"], "unknown --device-map 'everywhere'"),
+        (["--device", "cpu", "--device-map", "auto"], "pass only one of them"),
+        (["--plot", "out.txt"], "name a .png"),
+        (["--max-memory", "cpu=1KB"], "only applies with --device-map"),
+        (["--device-map", "auto", "--max-memory", "lots"], "is not DEVICE=SIZE"),
+    ],
+)
+def test_cli_eval_option_errors(folders, capsys, argv_tail, needle) -> None:
+    rc, out, err = _run(["eval", str(folders["dense"]), *argv_tail, "--quiet"], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and out == "" and len(lines) == 1 and needle in lines[0], err
+
+
+def test_cli_eval_cuda_without_cuda(folders, capsys) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    rc, out, err = _run(["eval", str(folders["dense"]), "--device", "cuda", "--quiet"], capsys)
+    assert rc == 2 and "asked for CUDA" in err and len(err.strip().splitlines()) == 1

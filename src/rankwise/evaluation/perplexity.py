@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from rankwise.errors import RankwiseError
 from rankwise.io.texts import text_fingerprint
 from rankwise.io.tokens import bos_id, eval_windows
 from rankwise.progress import progress as progress_bar
@@ -48,7 +49,9 @@ def perplexity(
     """
     win = eval_windows(tokenizer, text, seq_len=seq_len, max_tokens=max_tokens, name=name)
     has_bos = bos_id(tokenizer) is not None
-    device = next(model.parameters()).device
+    from rankwise.evaluation.models import input_device
+
+    device = input_device(model)
     was_training = model.training
     model.eval()
     total_nll, total_tok = 0.0, 0
@@ -64,6 +67,11 @@ def perplexity(
     if was_training:
         model.train()
     mean = total_nll / total_tok
+    if not math.isfinite(mean):
+        raise RankwiseError(
+            f"the loss on {name} is {mean} (perplexity not finite): the model's outputs overflow or are broken; "
+            "check its weights, or evaluate in float32 (--dtype float32)."
+        )
     return PerplexityResult(
         text=name,
         perplexity=math.exp(mean),

@@ -31,6 +31,7 @@ from torch import nn
 
 from rankwise.errors import RankwiseError
 from rankwise.evaluation.memory import PeakMemory
+from rankwise.evaluation.models import input_device
 from rankwise.io.tokens import bos_id, encode
 from rankwise.progress import progress as progress_bar
 
@@ -116,7 +117,7 @@ def _sync(device: torch.device) -> None:
 @torch.inference_mode()
 def _timed_decode(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) -> tuple[list[int], list[float]]:
     """Greedy decode; returns (tokens, [prefill wall, decode wall, prefill cpu, decode cpu] seconds)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = input_ids.to(device)
     kw: dict = {}
     if _supports(model, "logits_to_keep"):
@@ -196,7 +197,7 @@ def measure_speed(
         order = names if r % 2 == 0 else names[::-1]
         for n in order:
             model = models[n]
-            device = next(model.parameters()).device
+            device = input_device(model)
             with PeakMemory(device) as pm:
                 tokens, (tp, td, cp, cd) = _timed_decode(model, input_ids, new_tokens)
             prev = mem.get(n)
@@ -217,7 +218,7 @@ def measure_speed(
     out: dict[str, SpeedResult] = {}
     prompt = int(input_ids.shape[1])
     for n in names:
-        device = next(models[n].parameters()).device
+        device = input_device(models[n])
         tp = statistics.median(pre[n])
         td = statistics.median(dec[n])
         generative = bool(toks[n])
