@@ -64,9 +64,11 @@ def test_train_saves_the_trained_model_and_reports_perplexity(tiny_folder, text_
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
-    rc = main([*_common(tiny_folder, text_file, out), "--optimizer", optimizer, "--lr", "3e-3"])
+    rc = main([*_common(tiny_folder, text_file, out), "--optimizer", optimizer, "--lr", "3e-3",
+               "--json", str(tmp_path / "run.json")])
     assert rc == 0
     summary = json.loads((out / "train.json").read_text())
+    assert json.loads((tmp_path / "run.json").read_text()) == summary
     assert summary["optimizer"] == optimizer
     assert summary["projection"] == {"galore": "svd", "galore-dct": "dct", "fira": "svd", "adamw": None}[optimizer]
     train = summary["train"]
@@ -77,6 +79,13 @@ def test_train_saves_the_trained_model_and_reports_perplexity(tiny_folder, text_
     model = AutoModelForCausalLM.from_pretrained(str(out))
     assert _reeval(model, out) == pytest.approx(summary["perplexity"]["perplexity"], rel=1e-5)
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folders left
+    # the machine-readable headline numbers
+    assert summary["final_loss"] == pytest.approx(sum(train["losses"]) / 3) and summary["steps"] == 3
+    assert summary["tokens_per_second"] == pytest.approx(train["tokens"] / summary["train_seconds"])
+    assert summary["optimizer_state_bytes_per_rank"] == train["state"]["total"]
+    assert summary["parameters"] == sum(p.numel() for p in model.parameters())
+    assert summary["peak_memory_bytes"] > 4 * summary["parameters"]  # at least the fp32 weights were resident
+    assert summary["processes"] == 1 and summary["parallel"] is None
 
 
 def test_train_with_trp_writes_a_factorised_checkpoint(tiny_folder, text_file, tmp_path) -> None:
@@ -120,6 +129,7 @@ def test_train_from_scratch_is_seeded(tiny_folder, text_file, tmp_path) -> None:
         (["--update-gap", "0"], "update_proj_gap must be a positive"),
         (["--rank", "20"], "larger than the 16x32 matrix"),
         (["--steps", "0"], "--steps must be at least 1"),
+        (["--fsdp"], "launch it with torchrun: torchrun --nproc-per-node 2 -m rankwise train --fsdp"),
     ],
 )
 def test_train_errors_are_one_line(tiny_folder, text_file, tmp_path, capsys, extra, match) -> None:

@@ -54,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int("--threads"), default=None,
                         help="CPU threads for torch (default: torch's choice; 1 is faster on a busy shared machine)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="shard parameters, gradients and optimizer state over the processes (FSDP2); launch "
+                        "with torchrun --nproc-per-node N -m rankwise train --fsdp ... (under torchrun without "
+                        "--fsdp the processes train with DDP)")
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -78,6 +82,19 @@ def _check(args: argparse.Namespace) -> None:
     p = check_writable(args.out, is_dir=True)
     if p.exists() and not args.overwrite:
         raise RankwiseError(f"output folder {p} already exists; pass --overwrite or another --out.")
+    if args.fsdp:
+        from rankwise.compression.distributed import Dist
+
+        if not Dist.current().enabled:
+            raise RankwiseError(
+                "--fsdp shards the model over several processes but this is one process without a process group; "
+                "launch it with torchrun: torchrun --nproc-per-node 2 -m rankwise train --fsdp ..."
+            )
+        if args.callback:
+            raise RankwiseError(
+                f"--callback {args.callback} takes SVDs of whole weight matrices, which --fsdp never holds; run it "
+                "under torchrun without --fsdp (DDP) or in one process."
+            )
 
 
 def build_optimizer(model: Any, args: argparse.Namespace, lr: float) -> Any:
@@ -135,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from rankwise.cli.common import console, write_json
+    from rankwise.compression.distributed import Dist
     from rankwise.io.atomic import atomic_dir, atomic_outputs
     from rankwise.io.checkpoint import factorised_layers
     from rankwise.io.checkpoint import save as save_checkpoint
@@ -143,7 +161,9 @@ def run(args: argparse.Namespace) -> int:
     from rankwise.train.memory import human_bytes
 
     _check(args)
-    outputs = atomic_outputs(dirs=[args.out], files=[args.json], overwrite=args.overwrite)  # put in place together
+    dist = Dist.current()  # under torchrun: a process group (gloo); process 0 evaluates and writes
+    outputs = (atomic_outputs(dirs=[args.out], files=[args.json], overwrite=args.overwrite)  # put in place together
+               if dist.is_writer else None)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -152,16 +172,26 @@ def run(args: argparse.Namespace) -> int:
     callback = build_callback(args)
     if callback is not None:
         callback.check_model(model)
+    n_params0 = sum(p.numel() for p in model.parameters())
+    trained = _parallel(model, args, dist, callback is not None)
     optimizer = build_optimizer(model, args, lr)
     text = load_text(args.data, "train")
-    windows = training_windows(tok, text, args.steps, args.batch_size, args.seq_len, seed=args.seed, name=args.data)
-    n_params0 = sum(p.numel() for p in model.parameters())
+    # one process's batch of batch_size windows per step; N processes take interleaved shares of N·batch_size
+    windows = training_windows(tok, text, args.steps, args.batch_size * dist.world, args.seq_len, seed=args.seed,
+                               name=args.data)
+    if dist.enabled:
+        windows = windows.view(args.steps, args.batch_size * dist.world, -1)[:, dist.rank :: dist.world]
+        windows = windows.reshape(-1, args.seq_len)
     t0 = time.perf_counter()
     result = train_loop(
-        model, optimizer, windows, args.batch_size, callbacks=[callback] if callback else [],
-        progress=not args.no_progress, desc=f"train {args.optimizer}",
+        trained, optimizer, windows, args.batch_size, callbacks=[callback] if callback else [],
+        progress=not args.no_progress and dist.is_writer, desc=f"train {args.optimizer}",
     )
     train_s = time.perf_counter() - t0
+    shared = _shared_numbers(result, dist)
+    model = _gathered(model, trained, args, dist)
+    if not dist.is_writer:
+        return 0
     ppl = None
     if args.eval_tokens > 0:
         from rankwise.evaluation.perplexity import perplexity
@@ -191,6 +221,15 @@ def run(args: argparse.Namespace) -> int:
         "perplexity": None if ppl is None else ppl.to_dict(),
         "train": result.to_dict(),
         "callback_events": result.events,
+        # machine-readable headline numbers (over all processes)
+        "final_loss": shared["final_loss"],
+        "steps": result.steps,
+        "tokens_per_second": result.tokens * dist.world / train_s if train_s > 0 else None,
+        "optimizer_state_bytes_per_rank": shared["state_bytes"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "peak_memory_bytes": shared["peak_memory"],
+        "processes": dist.world,
+        "parallel": "fsdp" if args.fsdp and dist.enabled else ("ddp" if dist.enabled else None),
     }
     meta = {"method": f"train:{args.optimizer}" + (f"+{args.callback}" if args.callback else ""), "train": summary}
     with outputs:
@@ -224,3 +263,60 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"PTB-test perplexity {ppl.perplexity:.2f} ({ppl.tokens} tokens, {ppl.windows} windows)")
     console.print(f"saved to {args.out}" + (" (rankwise checkpoint: factorised layers)" if layers else ""))
     return 0
+
+
+def _parallel(model: Any, args: argparse.Namespace, dist: Any, has_callback: bool) -> Any:
+    """The module the loop trains: ``model`` itself, sharded in place (--fsdp), or wrapped in DDP."""
+    if not dist.enabled:
+        return model
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        from rankwise.compression.runner import find_blocks
+        from rankwise.surgery.targets import find_targets
+
+        blocks = find_blocks(model, find_targets(model))
+        for block in blocks.modules if blocks is not None else []:
+            fully_shard(block)  # one all-gather per block in forward/backward
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    # a callback that factorises layers leaves their old weights unused (rankwise.train.callbacks)
+    return DistributedDataParallel(model, find_unused_parameters=has_callback)
+
+
+def _shared_numbers(result: Any, dist: Any) -> dict[str, Any]:
+    """Final loss averaged over the processes; optimizer-state bytes and peak memory: the largest process."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        peak = int(torch.cuda.max_memory_allocated())
+    else:
+        peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    state = int(result.state.total) if result.state is not None else 0
+    tail = torch.tensor([result.final_loss], dtype=torch.float64)
+    dist.all_reduce_(tail)
+    big = torch.tensor([state, peak], dtype=torch.float64)
+    dist.all_reduce_(big, op="max")
+    return {"final_loss": float(tail) / dist.world, "state_bytes": int(big[0]), "peak_memory": int(big[1])}
+
+
+def _gathered(model: Any, trained: Any, args: argparse.Namespace, dist: Any) -> Any:
+    """A plain, whole model to evaluate and save on process 0 (FSDP shards gathered; DDP unwrapped)."""
+    if not dist.enabled:
+        return model
+    if not args.fsdp:
+        return trained.module
+    import transformers
+
+    from rankwise.train.sharded import is_sharded
+
+    state = {k: (v.full_tensor() if is_sharded(v) else v).detach() for k, v in model.state_dict().items()}
+    if not dist.is_writer:
+        return model
+    whole = transformers.AutoModelForCausalLM.from_config(model.config)
+    whole.load_state_dict(state)
+    return whole
