@@ -55,16 +55,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, metavar="PATH", help="write the run summary as JSON ('-' = stdout)")
 
 
-def _check_out(path: str | None, overwrite: bool) -> None:
-    from rankwise.io.atomic import check_writable
-
-    if path is None:
-        return
-    p = check_writable(path, is_dir=True)
-    if p.exists() and not overwrite:
-        raise RankwiseError(f"output folder {p} already exists; pass --overwrite or another path.")
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -96,8 +86,10 @@ def run(args: argparse.Namespace) -> int:
     outs = [o for o in (args.out, args.merge, args.export_peft) if o]
     if len({str(Path(o).resolve()) for o in outs}) != len(outs):
         raise RankwiseError("--out, --merge and --export-peft must be different folders.")
-    for o in outs:
-        _check_out(o, args.overwrite)
+    from rankwise.io.atomic import atomic_outputs
+
+    # every output checked now, written under temporary names and put in place together at the end
+    outputs = atomic_outputs(dirs=outs, files=[args.json], overwrite=args.overwrite)
     labels: list[str] | None = None
     if tcfg.task == "classify":
         from rankwise.io.texts import load_labelled
@@ -146,14 +138,19 @@ def run(args: argparse.Namespace) -> int:
                      "init_seconds": init_s},
         "eval": ev,
     }
-    save_adapter(model, args.out, overwrite=args.overwrite, extra=record)
-    if args.export_peft:
-        export_peft(model, args.export_peft, overwrite=args.overwrite)
-    if args.merge:
-        from rankwise.io.checkpoint import export_dense
+    summary = {"method": cfg.method, "trainable_parameters": n_train, "total_parameters": n_total, **record,
+               "out": args.out, "merge": args.merge, "export_peft": args.export_peft}
+    with outputs:
+        save_adapter(model, args.out, overwrite=args.overwrite, extra=record)
+        if args.export_peft:
+            export_peft(model, args.export_peft, overwrite=args.overwrite)
+        if args.merge:
+            from rankwise.io.checkpoint import export_dense
 
-        plain = merge_and_unload(model)
-        export_dense(plain, args.merge, tokenizer=tok, overwrite=args.overwrite)
+            plain = merge_and_unload(model)
+            export_dense(plain, args.merge, tokenizer=tok, overwrite=args.overwrite)
+        if args.json and args.json != "-":
+            write_json(summary, args.json)
     rank_txt = cfg.rank if cfg.rank is not None else ("energy" if cfg.method == "svfit" else 8)
     if cfg.method == "dylora":
         rank_txt = f"{rank_txt} (eval rank {cfg.eval_rank or cfg.r})"
@@ -169,7 +166,6 @@ def run(args: argparse.Namespace) -> int:
         + (f" · merged in {args.merge}" if args.merge else "")
         + (f" · PEFT in {args.export_peft}" if args.export_peft else "")
     )
-    if args.json:
-        write_json({"method": cfg.method, "trainable_parameters": n_train, "total_parameters": n_total, **record,
-                    "out": args.out, "merge": args.merge, "export_peft": args.export_peft}, args.json)
+    if args.json == "-":
+        write_json(summary, args.json)
     return 0

@@ -129,6 +129,19 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def _check_loaded(layer: nn.Module, name: str) -> None:
+    """A layer rebuilt from saved tensors must give an m×n update (wrong shapes fail here, not in forward)."""
+    try:
+        d = layer.delta_weight()
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise RankwiseError(f"the saved adapter tensors of {name} do not fit together "
+                            f"({str(exc).splitlines()[0][:80]}); the adapter file is corrupt or from another "
+                            "model.") from exc
+    if tuple(d.shape) != (layer.m, layer.n):
+        raise RankwiseError(f"the saved adapter tensors of {name} give a {tuple(d.shape)} update for its "
+                            f"{layer.m}x{layer.n} weight; the adapter file is corrupt or from another model.")
+
+
 def _attach(
     model: nn.Module,
     config: AdapterConfig,
@@ -148,6 +161,8 @@ def _attach(
     try:
         for name, mod in it:
             layer = factory(mod, config, name, state=None if states is None else states.get(name, {}))
+            if states is not None:
+                _check_loaded(layer, name)
             set_module(model, name, layer)
             done.append((name, layer))
     except BaseException:  # leave the model as it was (e.g. a rank error on the 5th layer)
@@ -533,6 +548,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, progress: bool = Tru
         raise RankwiseError(
             f"cannot read {folder / ADAPTER_FILE} ({type(exc).__name__}); the adapter is corrupt, save it again."
         ) from exc
+    for key, value in flat.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise RankwiseError(f"adapter tensor {key} in {folder} holds {int((~torch.isfinite(value)).sum())} "
+                                "NaN/Inf value(s); the adapter is broken, train or save it again.")
     states: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
     for key, value in flat.items():
         owner, _, leaf = key.rpartition(".")
