@@ -212,6 +212,11 @@ def test_load_rejects_missing_meta_and_mismatched_tensors(tmp_path):
     name = next(iter(meta["layers"]))
     meta["layers"][name]["rank"] += 1
     meta_file.write_text(json.dumps(meta))
+    cfg_file = tmp_path / "c" / "config.json"  # the layer map is recorded in config.json too: edit both alike
+    cfg = json.loads(cfg_file.read_text())
+    if isinstance(cfg.get("quantization_config"), dict) and "layers" in cfg["quantization_config"]:
+        cfg["quantization_config"]["layers"][name]["rank"] += 1
+        cfg_file.write_text(json.dumps(cfg))
     with pytest.raises(RankwiseError, match="do not match the rank map"):
         rankwise.load(tmp_path / "c")
 
@@ -303,10 +308,18 @@ def test_fwsvd_with_a_loop_that_never_calls_backward_is_a_clear_error():
     assert not any(isinstance(m, LowRankLinear) for m in model.modules())
 
 
-def test_fisher_allocation_with_a_callable_falls_back_with_a_warning():
+def test_fisher_allocation_with_a_callable_uses_the_config_text_or_refuses(tmp_path):
+    """K.5: no silent switch to alloc_norm='total'; sensitivities come from config.calib or a one-line error."""
     model = tiny_llama()
-    x = windows()
-    with pytest.warns(UserWarning, match="alloc_norm='total'"):
-        res = compress(model, ratio=0.3, calib=windows_forward_loop(x), progress=False)
+    loop = windows_forward_loop(windows())
+    with pytest.raises(RankwiseError, match="needs a tokenizer"):
+        compress(model, ratio=0.3, calib=loop, progress=False)
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i % 37}" for i in range(400)))
+    model = tiny_llama()
+    res = compress(model, CompressConfig(ratio=0.3, calib=str(text), seq_len=16, sens_samples=4, progress=False),
+                   calib=loop, tokenizer=_Tok())
     assert res.achieved_ratio >= 0.3
-    assert model.rankwise_meta["config"]["alloc_norm"] == "total"
+    assert model.rankwise_meta["config"]["alloc_norm"] == "none"
+    assert res.calibration["sensitivity"]["text"] == str(text) and res.calibration["sensitivity"]["samples"] == 4

@@ -79,12 +79,12 @@ def test_cli_bad_ratio_is_one_line_error(tiny_dir, tmp_path, capsys, ratio):
 
 
 def test_cli_interrupt_leaves_no_folder(tiny_dir, tmp_path, monkeypatch, capsys):
-    import rankwise.io.checkpoint as ck
+    import rankwise.io.shards as sh
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ck, "_save_tokenizer", boom)
+    monkeypatch.setattr(sh.ShardedWriter, "close", boom)  # the last step of a streamed compress
     out = tmp_path / "c"
     assert main(["compress", str(tiny_dir), *ARGS, "--out", str(out)]) == 130
     assert not out.exists()
@@ -99,3 +99,18 @@ def test_cli_too_short_calibration_text(tiny_dir, tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "need 124" in err and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--device", "cuda"], ["--device cuda", "cpu"]),
+    (["--dtype", "float8"], ["unknown --dtype", "bfloat16"]),
+    (["--max-shard-size", "lots"], ["max_shard_size", "5GB"]),
+    (["--threads", "0"], ["threads"]),
+])
+def test_cli_bad_device_dtype_shard_size_are_one_line_errors(tiny_dir, tmp_path, capsys, args, words):
+    if args[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["compress", str(tiny_dir), *args, "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and all(w in err[0] for w in words), err
+    assert not (tmp_path / "c").exists()

@@ -1,88 +1,130 @@
 """``rankwise.compress``: one-shot low-rank compression of a trained model, in place.
 
-Pipeline (methods.md §2–§3):
+Pipeline (methods.md §2–§3), every calibration-driven stage through the one block runner
+(:mod:`rankwise.compression.runner`):
 
 1. find the target matrices (every Linear/Conv1D except the LM head and tied layers);
-2. collect calibration statistics through a ``forward_loop(model)`` (built from
-   text, from token windows, or given by the user), block by block so memory
-   stays bounded; with ``sequential=True`` block ℓ sees the outputs of the
-   already-compressed blocks < ℓ;
-3. allocate ranks (uniform / energy / welore / global) from the method's
-   spectra under the parameter budget; matrices that would reach break-even
-   stay dense;
-4. factorise each matrix with the chosen method and swap in ``LowRankLinear``.
+2. loss sensitivity of each matrix (default ``global`` allocation): a loss backward streamed
+   block by block over the first ``sens_samples`` calibration windows;
+3. calibration statistics block by block (each block on the work device, hidden states on the
+   CPU); with ``sequential=True`` block ℓ sees the outputs of the already-compressed blocks < ℓ;
+4. allocate ranks (uniform / energy / welore / global) from the method's spectra under the
+   parameter budget; matrices that would reach break-even stay dense;
+5. factorise each matrix with the chosen method and swap in ``LowRankLinear``.
 
-The result records the rank map, asked/achieved ratio, parameter counts and
-timings, and ``model.rankwise_meta`` is set so ``rankwise.save`` writes it.
+The same pipeline streams a checkpoint folder block by block
+(:func:`rankwise.compression.streaming.compress_checkpoint`); here the model is in memory and
+is changed in place. The result records the rank map, asked/achieved ratio, parameter counts
+and timings, and ``model.rankwise_meta`` is set so ``rankwise.save`` writes it.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
 
-from rankwise.compression.allocation import NEEDS_SPECTRA, allocate, check_reachable
-from rankwise.compression.calibration.blocks import (
-    capture_block_inputs,
-    find_blocks,
-    initial_hiddens,
-    run_block,
-)
+from rankwise.compression.allocation import ALLOCATORS, NEEDS_SPECTRA, allocate, check_reachable
 from rankwise.compression.calibration.loops import CalibInfo, text_windows, windows_forward_loop
+from rankwise.compression.calibration.sensitivity import OutputGradMeter, frozen, output_sensitivity
 from rankwise.compression.calibration.stats import LayerStats, StatsCollector
-from rankwise.compression.methods import Method, MethodOptions, get_method
+from rankwise.compression.methods import METHODS, MethodOptions, get_method
+from rankwise.compression.runner import SPILL_BYTES, BlockRunner, Blocks, find_blocks
+from rankwise.engine.device import DTYPE_CHOICES, dtype_name, resolve_device, resolve_dtype, stats_device
 from rankwise.engine.metrics import break_even_rank
+from rankwise.engine.threads import torch_threads
 from rankwise.errors import RankwiseError, check_ratio
 from rankwise.surgery.lowrank import LowRankLinear
 from rankwise.surgery.modules import set_module
 from rankwise.surgery.targets import Target, find_targets
 
 
+def _f(default: Any, help: str, **meta: Any) -> Any:  # noqa: A002 - argparse's word
+    return field(default=default, metadata={"help": help, **meta})
+
+
 @dataclass
 class CompressConfig:
     """Everything that defines a compression run. The defaults are the best pipeline we measured.
 
-    ratio: fraction of the targeted parameters to remove, in (0, 1).
-    method: ``svd``, ``asvd``, ``fwsvd`` or ``whiten``.
-    alloc: ``uniform``, ``energy``, ``welore`` or ``global``.
-    sequential: block ℓ's statistics come from the outputs of the compressed blocks < ℓ.
-    calib / calib_samples / seq_len / seed: default calibration text (train split) and sampling.
-    shrink / shrink_target: whiten only; C ← (1−λ)C + λ·T, T = diag(C) ("diag") or mean(diag C)·I ("identity").
-    alloc_norm / min_rank_frac: global allocation's normalisation and rank floor (× uniform rank).
-    alloc_sensitivity: ``fisher`` weights each matrix's σ² by its mean squared output gradient
-        (loss units; from the first ``sens_samples`` calibration windows), ``none`` does not.
-    skip_first: drop the first positions of each calibration sequence (BOS) from the statistics.
-    targets / exclude: regexes over module names (default: all but LM head / tied layers).
+    Every field is checked in ``__post_init__`` (one-line :class:`RankwiseError`); the CLI builds its
+    options from these fields, so a default is written once, here.
     """
 
-    ratio: float = 0.2
-    method: str = "whiten"
-    alloc: str = "global"
-    sequential: bool = False
-    calib: str = "ptb"
-    calib_samples: int = 32
-    seq_len: int = 256
-    seed: int = 0
-    shrink: float = 0.0
-    shrink_target: str = "diag"
-    alloc_norm: str = "none"
-    alloc_sensitivity: str = "fisher"
-    sens_samples: int = 8
-    min_rank_frac: float = 0.0
-    skip_first: int = 0
-    asvd_alpha: float = 0.5
-    jitter: float = 1e-6
-    targets: str | None = None
-    exclude: str | None = None
-    batch_size: int = 8
-    progress: bool = True
+    ratio: float = _f(0.2, "fraction of the targeted parameters to remove, in (0, 1)")
+    method: str = _f("whiten", "factorisation method", choices=METHODS.names)
+    alloc: str = _f("global", "rank allocation", choices=ALLOCATORS.names)
+    sequential: bool = _f(False, "calibrate block ℓ on the outputs of the compressed blocks < ℓ")
+    calib: str = _f("ptb", "calibration text, train split: ptb, bbc, a mixture like ptb+bbc, or FILE.txt")
+    calib_samples: int = _f(32, "calibration windows")
+    seq_len: int = _f(256, "tokens per calibration window")
+    seed: int = _f(0, "calibration sampling seed")
+    shrink: float = _f(0.0, "whiten: shrink XᵀX toward its target by this fraction, in [0, 1]")
+    shrink_target: str = _f("diag", "whiten: shrink toward diag(XᵀX) or a scaled identity",
+                            choices=("diag", "identity"))
+    alloc_norm: str = _f("none", "global allocation: normalisation of each matrix's σ²",
+                         choices=("none", "total", "log"))
+    alloc_sensitivity: str = _f("fisher", "global allocation: weight each matrix's σ² by its mean squared output "
+                                "gradient (loss units, from the first --sens-samples calibration windows)",
+                                choices=("none", "fisher"))
+    sens_samples: int = _f(8, "calibration windows of the loss-sensitivity pass")
+    min_rank_frac: float = _f(0.0, "global allocation: no matrix below this fraction of the uniform rank, in [0, 1)")
+    skip_first: int = _f(0, "drop the first positions of each calibration window (BOS) from the statistics")
+    asvd_alpha: float = _f(0.5, "asvd: column scaling exponent α")
+    jitter: float = _f(1e-6, "whiten: relative diagonal jitter when XᵀX is singular")
+    targets: str | None = _f(None, "regex of module names to compress (default: all linears but the LM head)")
+    exclude: str | None = _f(None, "regex of module names to leave alone")
+    batch_size: int = _f(8, "calibration windows per forward")
+    device: str = _f("auto", "where blocks run: auto (CUDA when present), cpu, cuda, cuda:N")
+    dtype: str = _f("auto", "weights and factors are stored in this dtype (auto: the model's own)",
+                    metavar="|".join(DTYPE_CHOICES))
+    threads: int | None = _f(None, "torch intra-op threads (default: torch's own)")
+    max_shard_size: str = _f("5GB", "largest safetensors shard of a streamed checkpoint (e.g. 5GB, 500MB)")
+    progress: bool = _f(True, "progress bars", cli=False)
+
+    def __post_init__(self) -> None:
+        self.ratio = check_ratio(self.ratio)
+        METHODS.check(self.method)
+        ALLOCATORS.check(self.alloc)
+        for name in ("shrink_target", "alloc_norm", "alloc_sensitivity"):
+            choices = next(f for f in fields(self) if f.name == name).metadata["choices"]
+            if getattr(self, name) not in choices:
+                raise RankwiseError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
+        for name, low in (("calib_samples", 1), ("seq_len", 2), ("sens_samples", 1), ("batch_size", 1),
+                          ("skip_first", 0), ("seed", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise RankwiseError(f"{name} must be a whole number ≥ {low}, got {v!r}.")
+        if self.skip_first >= self.seq_len:
+            raise RankwiseError(f"skip_first ({self.skip_first}) must be below seq_len ({self.seq_len}).")
+        for name, lo, hi, closed in (("shrink", 0.0, 1.0, True), ("min_rank_frac", 0.0, 1.0, False),
+                                     ("asvd_alpha", 0.0, 4.0, True), ("jitter", 0.0, 1.0, True)):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and math.isfinite(v) and lo <= v and (v <= hi if closed else v < hi)
+            if not ok:
+                raise RankwiseError(f"{name} must lie in [{lo}, {hi}{']' if closed else ')'}, got {v!r}.")
+        for name in ("targets", "exclude"):
+            v = getattr(self, name)
+            if v is not None:
+                try:
+                    re.compile(v)
+                except re.error as exc:
+                    raise RankwiseError(f"{name} {v!r} is not a valid regular expression ({exc}).") from None
+        resolve_device(self.device)  # one line naming what is available
+        resolve_dtype(self.dtype)
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise RankwiseError(f"threads must be a whole number ≥ 1, got {self.threads!r}.")
+        from rankwise.io.shards import parse_size
+
+        parse_size(self.max_shard_size)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,7 +163,7 @@ class CompressResult:
 # -- calibration input ------------------------------------------------------------------------------
 
 
-def _default_tokenizer(model: nn.Module):
+def _default_tokenizer(model: nn.Module, why: str = "text calibration"):
     src = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     try:
         from transformers import AutoTokenizer
@@ -129,17 +171,21 @@ def _default_tokenizer(model: nn.Module):
         from rankwise.io.models import resolve_model
 
         return AutoTokenizer.from_pretrained(str(resolve_model(src)))
-    except Exception as exc:
+    except (OSError, ValueError, TypeError, KeyError) as exc:
         raise RankwiseError(
-            f"cannot find a tokenizer for the model (config._name_or_path={src!r}); pass tokenizer=... "
-            "or a forward_loop callable as calib."
+            f"{why} needs a tokenizer and none was found for the model (config._name_or_path={src!r}); "
+            "pass tokenizer=... (or token windows as calib)."
         ) from exc
 
 
 def resolve_calib(
     model: nn.Module, config: CompressConfig, calib: Any, tokenizer=None, with_loss: bool = False
 ) -> tuple[Callable[[nn.Module], Any], CalibInfo]:
-    """Turn ``calib`` (None, a text spec, a LongTensor of windows, or a callable) into a forward loop."""
+    """Turn ``calib`` (None, a text spec, a LongTensor of windows, or a callable) into a forward loop.
+
+    A loop built from windows carries them as ``loop.windows`` (the runner's streamed backward
+    passes and the distributed sharding use them).
+    """
     if callable(calib) and not isinstance(calib, torch.Tensor):
         info = getattr(calib, "calib_info", None) or CalibInfo(text="<forward_loop>")
         return calib, info
@@ -167,127 +213,6 @@ def resolve_calib(
 # -- helpers -----------------------------------------------------------------------------------------
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="block", disable=not enabled, leave=False)
-
-
-def _replace(model: nn.Module, t: Target, B: torch.Tensor, A: torch.Tensor) -> LowRankLinear:
-    w = t.module.weight
-    layer = LowRankLinear.from_factors(
-        B.to(w.device), A.to(w.device), t.bias, orig_kind="conv1d" if t.transposed else "linear", dtype=w.dtype
-    )
-    set_module(model, t.name, layer)
-    return layer
-
-
-class _Runner:
-    """Walks the model block by block, collecting statistics and handing them to a callback."""
-
-    def __init__(self, model: nn.Module, targets: list[Target], method: Method, config: CompressConfig,
-                 loop: Callable[[nn.Module], Any], cache: dict | None = None) -> None:
-        self.model, self.targets, self.method, self.config, self.loop = model, targets, method, config, loop
-        self.cache = cache  # name -> LayerStats of the dense model (reused by non-sequential runs)
-        self.blocks = find_blocks(model, targets)
-        self._grad_stats: dict[str, LayerStats] | None = None
-
-    def _collector(self, targets: list[Target]) -> StatsCollector:
-        return StatsCollector(
-            targets, want_xtx=self.method.needs_xtx, want_abs=self.method.needs_abs,
-            skip_first=self.config.skip_first,
-        )
-
-    def grad_stats(self) -> dict[str, LayerStats]:
-        """Squared-gradient row sums of every target from one full forward+backward pass (fwsvd)."""
-        if self._grad_stats is None:
-            targets = {id(t.module.weight) for t in self.targets}
-            frozen = []
-            for p in self.model.parameters():
-                if id(p) not in targets and p.requires_grad:
-                    p.requires_grad_(False)
-                    frozen.append(p)
-            try:
-                with StatsCollector(self.targets, want_xtx=False, want_grad=True) as col:
-                    self.loop(self.model)
-            finally:
-                for p in frozen:
-                    p.requires_grad_(True)
-            for t in self.targets:
-                if col.stats[t.name].grad_sq is None:
-                    raise RankwiseError(
-                        "fwsvd needs gradients but the forward loop did not call backward(); pass text or token "
-                        "windows as calib, or a forward_loop that computes a loss and calls loss.backward()."
-                    )
-            self._grad_stats = col.stats
-        return self._grad_stats
-
-    def walk(self, process: Callable[[list[Target], dict[str, LayerStats]], bool], sequential: bool,
-             desc: str) -> None:
-        """Call ``process(targets, stats)`` per block; ``process`` returns True if it replaced modules."""
-        if self.method.needs_grad:
-            stats = self.grad_stats()
-            process(self.targets, stats)
-            return
-        if not self.method.needs_data:
-            process(self.targets, {})
-            return
-        if not sequential and self.cache is not None and all(t.name in self.cache for t in self.targets):
-            process(self.targets, self.cache)
-            return
-        inside = [t for t in self.targets if self.blocks is not None and t.name in self.blocks.index_of]
-        outside = [t for t in self.targets if t not in inside]
-        outside_stats: dict[str, LayerStats] = {}
-        if outside:  # layers outside the repeated blocks (or a model without blocks): one full pass
-            with self._collector(outside) as col, torch.no_grad():
-                self.loop(self.model)
-            outside_stats = col.stats
-            self._check_seen(outside, outside_stats)
-            if self.cache is not None:
-                self.cache.update(outside_stats)
-        if inside:
-            assert self.blocks is not None
-            inputs = capture_block_inputs(self.model, self.blocks.modules[0], self.loop)
-            if not inputs:
-                raise RankwiseError("the forward loop never reached the model's blocks; check the calib data.")
-            hiddens = initial_hiddens(inputs)
-            by_block: dict[int, list[Target]] = {}
-            for t in inside:
-                by_block.setdefault(self.blocks.index_of[t.name], []).append(t)
-            with _progress(len(self.blocks.modules), desc, self.config.progress) as bar:
-                for i, block in enumerate(self.blocks.modules):
-                    tg = by_block.get(i, [])
-                    with self._collector(tg) as col:
-                        outs = run_block(block, inputs, hiddens)
-                    changed = False
-                    if tg:
-                        self._check_seen(tg, col.stats)
-                        if self.cache is not None and not sequential:
-                            self.cache.update(col.stats)
-                        changed = process(tg, col.stats)
-                    del col
-                    if sequential and changed and i + 1 < len(self.blocks.modules):
-                        outs = run_block(block, inputs, hiddens)
-                    hiddens = outs
-                    bar.update(1)
-            del inputs, hiddens
-        if outside:
-            process(outside, outside_stats)
-
-    @staticmethod
-    def _check_seen(targets: list[Target], stats: dict[str, LayerStats]) -> None:
-        for t in targets:
-            st = stats[t.name]
-            if st.rows == 0:
-                raise RankwiseError(
-                    f"layer {t.name} received no calibration input; the forward loop must run the whole model."
-                )
-            bad = (st.xtx is not None and not bool(torch.isfinite(st.xtx).all())) or (
-                st.abs_sum is not None and not bool(torch.isfinite(st.abs_sum).all()))
-            if bad:
-                raise RankwiseError(f"calibration statistics of {t.name} contain NaN/inf; check the model weights.")
-
-
 def _options(config: CompressConfig) -> MethodOptions:
     return MethodOptions(asvd_alpha=config.asvd_alpha, shrink=config.shrink, shrink_target=config.shrink_target,
                          jitter=config.jitter)
@@ -300,6 +225,327 @@ def _count(model: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
+
+
+def _check_seen(targets: list[Target], stats: dict[str, LayerStats]) -> None:
+    for t in targets:
+        st = stats[t.name]
+        if st.rows == 0:
+            raise RankwiseError(
+                f"layer {t.name} received no calibration input; the forward loop must run the whole model."
+            )
+        bad = (st.xtx is not None and not bool(torch.isfinite(st.xtx).all())) or (
+            st.abs_sum is not None and not bool(torch.isfinite(st.abs_sum).all()))
+        if bad:
+            raise RankwiseError(f"calibration statistics of {t.name} contain NaN/inf; check the model weights.")
+
+
+def _dist(device: torch.device | None = None):
+    from rankwise.compression.distributed import Dist
+
+    return Dist.current(device)
+
+
+@dataclass
+class PipelineResult:
+    """What :func:`run_pipeline` decided: the rank map, the allocation and the stage timings."""
+
+    rank_of: dict[str, int | None]
+    alloc: Any
+    sequential: bool
+    timings: dict[str, float]
+    sensitivity: dict[str, float] | None = None
+
+
+def run_pipeline(
+    model: nn.Module,
+    targets: list[Target],
+    config: CompressConfig,
+    *,
+    device: torch.device,
+    loop: Callable[[nn.Module], Any] | None,
+    sens_windows: torch.Tensor | None,
+    load: Callable[[int, nn.Module], None] | None = None,
+    release: Callable[[int, nn.Module], None] | None = None,
+    on_block_done: Callable[[int, nn.Module], None] | None = None,
+    cache: dict | None = None,
+    spill_bytes: int = SPILL_BYTES,
+    runners: list | None = None,
+) -> PipelineResult:
+    """Sensitivity → statistics + spectra → allocation → factorisation, block by block.
+
+    Shared by the in-memory :func:`compress` (``load``/``release`` move a block to ``device`` and
+    back) and the streamed :func:`rankwise.compression.streaming.compress_checkpoint` (they read a
+    block from safetensors and put it back on the meta device; ``on_block_done(i, block)`` writes
+    block ``i`` once it is factorised). ``loop``: the calibration forward loop (None for a data-free
+    method); ``sens_windows``: token windows of the loss-sensitivity pass (None: no sensitivity).
+    ``runners``: if a list, every :class:`BlockRunner` made is appended (tests count materialised blocks).
+    """
+    method = get_method(config.method)
+    dist = _dist(device)
+    opts = _options(config)
+    sdev = stats_device(device)
+    timings: dict[str, float] = {}
+    shapes = [t.shape for t in targets]
+    index = {t.name: i for i, t in enumerate(targets)}
+    blocks = find_blocks(model, targets)
+    by_block = blocks.targets_of(targets) if blocks is not None else {}
+    inside = {t.name for tg in by_block.values() for t in tg}
+    outside = [t for t in targets if t.name not in inside]
+    if outside and load is not None:
+        raise RankwiseError(
+            f"{outside[0].name} lies outside the model's repeated blocks, which a streamed compress cannot "
+            "reach; leave it out with --exclude, or compress the model in memory (rankwise.compress)."
+        )
+    has_windows = getattr(loop, "windows", None) is not None
+
+    def runner(run_loop, progress: bool = config.progress) -> BlockRunner:
+        assert blocks is not None
+        r = BlockRunner(model, blocks, run_loop, device=device, load=load, release=release,
+                        spill_bytes=spill_bytes, progress=progress)
+        if runners is not None:
+            runners.append(r)
+        return r
+
+    def collector(tg: list[Target], **kw) -> StatsCollector:
+        return StatsCollector(tg, want_xtx=kw.get("want_xtx", method.needs_xtx), want_abs=kw.get(
+            "want_abs", method.needs_abs), want_grad=kw.get("want_grad", False), skip_first=config.skip_first,
+            stats_device=sdev)
+
+    def head_loss_fn(r: BlockRunner, windows: torch.Tensor, batch: int) -> Callable[[int, torch.Tensor], Any]:
+        def head_loss(b: int, h: torch.Tensor) -> torch.Tensor:
+            x = windows[b * batch : (b + 1) * batch].to(device)
+            out = r.head_pass(lambda: model(input_ids=x, labels=x, use_cache=False), h)
+            loss = getattr(out, "loss", None)
+            if loss is None:
+                raise RankwiseError(
+                    "the loss-sensitivity and fwsvd passes need a model that computes a loss from labels (a causal "
+                    "LM); use alloc_sensitivity='none' or another method."
+                )
+            return loss
+
+        return head_loss
+
+    # 1. loss sensitivity (streamed backward, one window per backward)
+    t0 = time.perf_counter()
+    sensitivity: dict[str, float] | None = None
+    if sens_windows is not None:
+        meter = OutputGradMeter(targets)
+        if blocks is None:
+            def loss_loop(m: nn.Module) -> None:
+                for i in range(len(sens_windows)):
+                    windows_forward_loop(sens_windows[i : i + 1], batch_size=1, with_loss=True)(m)
+
+            sensitivity = output_sensitivity(model, targets, loss_loop)
+        else:
+            r = runner(windows_forward_loop(sens_windows, batch_size=1))
+            with r, frozen(model), meter.hooks(outside):
+                r.backward(head_loss_fn(r, sens_windows, 1),
+                           collect=lambda i: meter.hooks(by_block.get(i, [])), desc="loss sensitivity")
+            dist.all_reduce_(meter.sums)
+            dist.all_reduce_(meter.counts)
+            sensitivity = meter.result()
+    timings["sensitivity"] = time.perf_counter() - t0
+
+    # 2. gradient statistics (fwsvd): the same streamed backward over the calibration batches
+    grad_stats: dict[str, LayerStats] | None = None
+    if method.needs_grad:
+        t0 = time.perf_counter()
+        if has_windows and blocks is not None and not outside:
+            windows = loop.windows  # type: ignore[union-attr]
+            r = runner(windows_forward_loop(windows, batch_size=config.batch_size))
+            grad_stats = {}
+            cols: dict[int, StatsCollector] = {}
+
+            def grad_collect(i: int) -> StatsCollector:
+                cols[i] = collector(by_block.get(i, []), want_xtx=False, want_abs=False, want_grad=True)
+                return cols[i]
+
+            with r, frozen(model):
+                r.backward(head_loss_fn(r, windows, config.batch_size), collect=grad_collect, desc="fwsvd gradients")
+            for col in cols.values():
+                grad_stats.update(col.stats)
+        elif load is None:  # a user forward loop (or no blocks): the loop's own backward on the whole model
+            assert loop is not None
+            with frozen(model), collector(targets, want_xtx=False, want_abs=False, want_grad=True) as col:
+                loop(model)
+            grad_stats = col.stats
+        else:
+            raise RankwiseError("fwsvd on a streamed checkpoint needs text or token-window calibration.")
+        dist.all_reduce_stats(grad_stats)
+        for t in targets:
+            if grad_stats[t.name].grad_sq is None:
+                raise RankwiseError(
+                    "fwsvd needs gradients but the forward loop did not call backward(); pass text or token "
+                    "windows as calib, or a forward_loop that computes a loss and calls loss.backward()."
+                )
+        timings["gradients"] = time.perf_counter() - t0
+
+    sequential = bool(config.sequential and method.needs_data and not method.needs_grad and blocks is not None)
+    data_walk = method.needs_data and not method.needs_grad
+
+    def walk(process: Callable[[list[Target], dict[str, LayerStats]], bool], seq: bool, desc: str,
+             done: Callable[[int, nn.Module], None] | None = None) -> None:
+        """``process(targets, stats)`` per block, then once for targets outside the blocks; ``done(i, block)``."""
+        outside_stats: dict[str, LayerStats] = {}
+        if outside:
+            if data_walk and not (cache is not None and all(t.name in cache for t in outside)):
+                assert loop is not None
+                with collector(outside) as col, torch.no_grad():
+                    loop(model)
+                dist.all_reduce_stats(col.stats)
+                _check_seen(outside, col.stats)
+                outside_stats = col.stats
+                if cache is not None:
+                    cache.update(outside_stats)
+            elif grad_stats is not None:
+                outside_stats = grad_stats
+            elif cache is not None:
+                outside_stats = cache
+        if blocks is not None:
+            cached = cache is not None and not seq and all(t.name in cache for t in by_block_all)
+            use_data = data_walk and not cached
+            r = runner(loop if use_data else None)
+            current: dict[str, Any] = {}
+
+            def collect(i: int) -> StatsCollector:
+                current["col"] = collector(by_block.get(i, []))
+                return current["col"]
+
+            def visit(i: int, block: nn.Module) -> bool:
+                tg = by_block.get(i, [])
+                if not tg:
+                    changed = False
+                elif use_data:
+                    stats = current.pop("col").stats
+                    dist.all_reduce_stats(stats)
+                    _check_seen(tg, stats)
+                    if cache is not None and not seq:
+                        cache.update(stats)
+                    changed = process(tg, stats)
+                else:
+                    changed = process(tg, grad_stats if grad_stats is not None else (cache or {}))
+                if done is not None:
+                    done(i, block)
+                return changed
+
+            with r:
+                r.walk(visit, collect=collect, sequential=seq, with_data=use_data, desc=desc)
+        if outside:
+            process(outside, outside_stats)
+
+    by_block_all = [t for tg in by_block.values() for t in tg]
+
+    # 3. spectra + allocation
+    t1 = time.perf_counter()
+    energies: list[torch.Tensor | None] = [None] * len(targets)
+    if config.alloc in NEEDS_SPECTRA:
+
+        def spectra(tg: list[Target], stats: dict[str, LayerStats]) -> bool:
+            for t in tg:
+                p = method.prepare(t.weight().to(sdev), stats.get(t.name), opts, name=t.name, vectors=False)
+                energies[index[t.name]] = p.energy.cpu()
+            return False
+
+        walk(spectra, seq=False, desc="calibrate + spectra")  # blocks are written by the factorisation pass only
+    alloc = allocate(
+        config.alloc, shapes, config.ratio, energies=energies if config.alloc in NEEDS_SPECTRA else None,
+        norm=config.alloc_norm, min_rank_frac=config.min_rank_frac,
+        sensitivity=[sensitivity[t.name] for t in targets] if sensitivity is not None else None,
+    )
+    rank_of = {t.name: r for t, r in zip(targets, alloc.ranks)}
+    timings["allocation"] = time.perf_counter() - t1
+
+    # 4. factorisation (sequential or not); the factorisations of a block are shared out among processes
+    t2 = time.perf_counter()
+
+    def factorise(tg: list[Target], stats: dict[str, LayerStats]) -> bool:
+        by_name = {t.name: t for t in tg}
+
+        def one(name: str) -> dict:
+            t = by_name[name]
+            k = rank_of[name]
+            assert k is not None
+            if k >= break_even_rank(*t.shape):
+                raise RankwiseError(f"{name}: rank {k} at/above break-even")  # allocators never do this
+            p = method.prepare(t.weight().to(sdev), stats.get(name), opts, name=name, vectors=True)
+            B, A = p.factors(k)
+            if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
+                raise RankwiseError(f"factorising {name} produced NaN/inf; check the weights and statistics.")
+            # factors in float32 (or wider), stored in the model's dtype on the device
+            return {"B": B.to(torch.float32), "A": A.to(torch.float32)}
+
+        names = [t.name for t in tg if rank_of[t.name] is not None]
+        done = dist.map_shared(names, one)
+        for name in names:
+            t = by_name[name]
+            w = t.module.weight
+            layer = LowRankLinear.from_factors(
+                done[name]["B"].to(w.device), done[name]["A"].to(w.device), t.bias,
+                orig_kind="conv1d" if t.transposed else "linear", dtype=w.dtype,
+            )
+            set_module(model, name, layer)
+        return bool(names)
+
+    desc = "compress" if config.alloc in NEEDS_SPECTRA and not sequential and data_walk else "calibrate + compress"
+    with warnings.catch_warnings():
+        if config.alloc in NEEDS_SPECTRA:  # the spectra pass already warned about the same matrices
+            warnings.simplefilter("ignore", UserWarning)
+        walk(factorise, seq=sequential, desc=desc, done=on_block_done)
+    timings["factorisation"] = time.perf_counter() - t2
+    return PipelineResult(rank_of=rank_of, alloc=alloc, sequential=sequential, timings=timings,
+                          sensitivity=sensitivity)
+
+
+def sensitivity_windows(
+    model: nn.Module, config: CompressConfig, loop: Callable[[nn.Module], Any] | None, tokenizer=None
+) -> tuple[torch.Tensor | None, CalibInfo | None]:
+    """Token windows of the loss-sensitivity pass, or (None, None) when the allocation needs none.
+
+    The calibration windows when there are some; otherwise (a data-free method, or a user
+    forward_loop) windows of ``config.calib`` (no silent switch to another normalisation: without a
+    tokenizer this is a one-line error).
+    """
+    if not (config.alloc_sensitivity == "fisher" and config.alloc in NEEDS_SPECTRA):
+        return None, None
+    windows = getattr(loop, "windows", None)
+    if windows is not None:
+        return windows[: config.sens_samples], None
+    tok = tokenizer if tokenizer is not None else _default_tokenizer(
+        model, why="alloc_sensitivity='fisher' (the default global allocation) without token windows")
+    windows, info = text_windows(tok, config.calib, config.sens_samples, config.seq_len, config.seed)
+    return windows, info
+
+
+def _move_outside_blocks(model: nn.Module, blocks: Blocks | None, device: torch.device) -> dict:
+    """Move every parameter and buffer outside the repeated blocks to ``device``; returns where they were."""
+    pre = (blocks.prefix + ".") if blocks is not None else None
+    home: dict = {}
+    for mname, mod in model.named_modules():
+        if pre is not None and (mname + ".").startswith(pre):
+            continue
+        for key, p in list(mod._parameters.items()):
+            if p is not None and p.device != device:
+                home[(mod, key, "p")] = p.device
+                p.data = p.data.to(device)
+        for key, b in list(mod._buffers.items()):
+            if b is not None and b.device != device:
+                home[(mod, key, "b")] = b.device
+                mod._buffers[key] = b.to(device)
+    return home
+
+
+def _move_back(home: dict) -> None:
+    for (mod, key, kind), dev in home.items():
+        if kind == "p" and mod._parameters.get(key) is not None:
+            p = mod._parameters[key]
+            p.data = p.data.to(dev)
+        elif kind == "b" and mod._buffers.get(key) is not None:
+            mod._buffers[key] = mod._buffers[key].to(dev)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 # -- the public entry point --------------------------------------------------------------------------
@@ -322,120 +568,61 @@ def compress(
     source folder. Keyword ``overrides`` replace config fields (``compress(m, ratio=0.3)``).
     ``stats_cache``: a dict that keeps the dense model's statistics between non-sequential runs
     with the same method, calibration and model (benchmarks; costs memory: one XᵀX per matrix).
+    Blocks run one at a time on ``config.device``; the rest of the model moves there for the run.
     """
+    if config is not None and not isinstance(config, CompressConfig):
+        raise RankwiseError(f"compress takes a CompressConfig, got {type(config).__name__}; "
+                            "build one with rankwise.CompressConfig(...).")
     config = CompressConfig(**{**(asdict(config) if config else {}), **overrides})
-    config.ratio = check_ratio(config.ratio)
-    method = get_method(config.method)
-    if config.alloc not in ("uniform", "energy", "welore", "global"):
-        raise RankwiseError(f"unknown allocation {config.alloc!r}; choose one of uniform, energy, welore, global.")
-    if not 0.0 <= config.shrink <= 1.0:
-        raise RankwiseError(f"shrink must lie in [0, 1], got {config.shrink}.")
-    if config.alloc_sensitivity not in ("none", "fisher"):
-        raise RankwiseError(f"alloc_sensitivity must be 'none' or 'fisher', got {config.alloc_sensitivity!r}.")
-    if config.shrink_target not in ("diag", "identity"):
-        raise RankwiseError(f"shrink_target must be 'diag' or 'identity', got {config.shrink_target!r}.")
     t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    targets = find_targets(model, config.targets, config.exclude)
-    shapes = [t.shape for t in targets]
-    check_reachable(shapes, config.ratio)
-    params_before = _count(model)
-    targeted_before = sum(m * n for m, n in shapes)
-    opts = _options(config)
+    device = _dist(resolve_device(config.device)).device(resolve_device(config.device))
+    dtype = resolve_dtype(config.dtype, _model_dtype(model))
+    with torch_threads(config.threads):
+        if _model_dtype(model) != dtype:
+            model.to(dtype)
+        targets = find_targets(model, config.targets, config.exclude)
+        shapes = [t.shape for t in targets]
+        check_reachable(shapes, config.ratio)
+        params_before = _count(model)
+        targeted_before = sum(m * n for m, n in shapes)
+        method = get_method(config.method)
+        dist = _dist(device)
 
-    info: CalibInfo | None = None
-    loop: Callable[[nn.Module], Any] = lambda m: None  # noqa: E731
-    wants_fisher = config.alloc_sensitivity == "fisher" and config.alloc in NEEDS_SPECTRA
-    if method.needs_data or (wants_fisher and calib is not None):
-        loop, info = resolve_calib(model, config, calib, tokenizer, with_loss=method.needs_grad)
-    if wants_fisher and getattr(loop, "windows", None) is None:
-        # no token windows to take gradients on (a user callable, or a data-free run without calib):
-        # fall back to the scale-free relative-error normalisation
-        warnings.warn(
-            "alloc_sensitivity='fisher' needs text or token-window calibration; using alloc_norm='total' instead",
-            stacklevel=2,
-        )
-        config.alloc_sensitivity, config.alloc_norm = "none", "total"
-    timings["calibration_data"] = time.perf_counter() - t0
+        info: CalibInfo | None = None
+        loop: Callable[[nn.Module], Any] | None = None
+        if method.needs_data:
+            loop, info = resolve_calib(model, config, calib, tokenizer, with_loss=method.needs_grad)
+        elif calib is not None and config.alloc_sensitivity == "fisher" and config.alloc in NEEDS_SPECTRA:
+            loop, info = resolve_calib(model, config, calib, tokenizer)  # data-free method: windows for sensitivity
+        sens_windows, sens_info = sensitivity_windows(model, config, loop, tokenizer)
+        if dist.enabled:  # each process takes its share of the windows one process would use (info: all of them)
+            if sens_windows is not None:  # the first sens_samples of *all* windows, then shared out
+                sens_windows = dist.shard_windows(sens_windows)
+            if method.needs_data and getattr(loop, "windows", None) is not None:
+                loop, _ = resolve_calib(model, config, dist.shard_windows(loop.windows, config.batch_size),
+                                        with_loss=method.needs_grad)
+        if not method.needs_data:
+            loop = None
+        timings: dict[str, float] = {"calibration_data": time.perf_counter() - t0}
 
-    was_training = model.training
-    model.eval()
-    runner = _Runner(model, targets, method, config, loop, cache=stats_cache)
-    sequential = bool(config.sequential and method.needs_data and not method.needs_grad and runner.blocks)
-    by_name = {t.name: t for t in targets}
-    index = {t.name: i for i, t in enumerate(targets)}
-
-    # 1. allocation
-    t1 = time.perf_counter()
-    energies: list[torch.Tensor | None] = [None] * len(targets)
-    if config.alloc in NEEDS_SPECTRA:
-
-        def spectra(tg: list[Target], stats: dict[str, LayerStats]) -> bool:
-            for t in tg:
-                p = method.prepare(t.weight(), stats.get(t.name), opts, name=t.name, vectors=False)
-                energies[index[t.name]] = p.energy
-            return False
-
-        runner.walk(spectra, sequential=False, desc="calibrate + spectra")
-    sensitivity = None
-    if config.alloc_sensitivity == "fisher" and config.alloc in NEEDS_SPECTRA:
-        from rankwise.compression.calibration.sensitivity import output_sensitivity
-
-        windows = loop.windows[: config.sens_samples]  # type: ignore[attr-defined]
-
-        def loss_loop(m: nn.Module) -> None:
-            # one window per backward: bounded activation memory (a common scale does not move the allocation)
-            from tqdm.auto import tqdm
-
-            for i in tqdm(range(len(windows)), desc="loss sensitivity", unit="window", leave=False,
-                          disable=not config.progress):
-                windows_forward_loop(windows[i : i + 1], batch_size=1, with_loss=True)(m)
-
-        sens = output_sensitivity(model, targets, loss_loop)
-        sensitivity = [sens[t.name] for t in targets]
-    alloc = allocate(
-        config.alloc, shapes, config.ratio, energies=energies if config.alloc in NEEDS_SPECTRA else None,
-        norm=config.alloc_norm, min_rank_frac=config.min_rank_frac, sensitivity=sensitivity,
-    )
-    rank_of = {t.name: r for t, r in zip(targets, alloc.ranks)}
-    timings["allocation"] = time.perf_counter() - t1
-
-    # 2. factorisation (sequential or not)
-    t2 = time.perf_counter()
-
-    def factorise(tg: list[Target], stats: dict[str, LayerStats]) -> bool:
-        changed = False
-        for t in tg:
-            k = rank_of[t.name]
-            if k is None:
-                continue
-            m, n = t.shape
-            assert k < break_even_rank(m, n), f"{t.name}: rank {k} at/above break-even"
-            p = method.prepare(t.weight(), stats.get(t.name), opts, name=t.name, vectors=True)
-            B, A = p.factors(k)
-            if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
-                raise RankwiseError(f"factorising {t.name} produced NaN/inf; check the weights and statistics.")
-            _replace(model, by_name[t.name], B, A)
-            changed = True
-        return changed
-
-    if config.alloc in NEEDS_SPECTRA and not sequential and method.needs_data:
-        desc = "compress"
-    else:
-        desc = "calibrate + compress"
-    with warnings.catch_warnings():
-        if config.alloc in NEEDS_SPECTRA:  # the spectra pass already warned about the same matrices
-            warnings.simplefilter("ignore", UserWarning)
-        runner.walk(factorise, sequential=sequential, desc=desc)
-    timings["factorisation"] = time.perf_counter() - t2
-    if was_training:
-        model.train()
-
+        was_training = model.training
+        model.eval()
+        home = _move_outside_blocks(model, find_blocks(model, targets), device)
+        try:
+            out = run_pipeline(model, targets, config, device=device, loop=loop, sens_windows=sens_windows,
+                               cache=stats_cache)
+        finally:
+            _move_back(home)
+            if was_training:
+                model.train()
+    timings.update(out.timings)
     params_after = _count(model)
-    ranks = {t.name: rank_of[t.name] for t in targets}
+    ranks = {t.name: out.rank_of[t.name] for t in targets}
     targeted_after = sum(m * n if ranks[t.name] is None else ranks[t.name] * (m + n) for t, (m, n) in
                          zip(targets, shapes))
-    seconds = time.perf_counter() - t0
+    calibration = info.to_dict() if info else None
+    if sens_info is not None:
+        calibration = {**(calibration or {}), "sensitivity": sens_info.to_dict()}
     result = CompressResult(
         ranks=ranks,
         asked_ratio=config.ratio,
@@ -444,26 +631,37 @@ def compress(
         params_after=params_after,
         targeted_params_before=targeted_before,
         targeted_params_after=targeted_after,
-        seconds=seconds,
+        seconds=time.perf_counter() - t0,
         method=config.method,
         alloc=config.alloc,
-        sequential=sequential,
-        calibration=info.to_dict() if info else None,
+        sequential=out.sequential,
+        calibration=calibration,
         timings=timings,
         break_even={t.name: break_even_rank(*t.shape) for t in targets},
     )
-    assert math.isclose(result.achieved_ratio, alloc.achieved_ratio, rel_tol=1e-9, abs_tol=1e-12)
-    model.rankwise_meta = {
+    if not math.isclose(result.achieved_ratio, out.alloc.achieved_ratio, rel_tol=1e-9, abs_tol=1e-12):
+        raise RuntimeError("the rank map and the allocation disagree on the achieved ratio")  # a bug, not user error
+    model.rankwise_meta = build_meta(config, out, result, params_before, params_after, device, dtype)
+    return result
+
+
+def build_meta(config: CompressConfig, out: PipelineResult, result: CompressResult, params_before: int,
+               params_after: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """What ``rankwise.json`` records about a compression run."""
+    return {
         "method": config.method,
         "allocation": config.alloc,
         "asked_ratio": config.ratio,
         "achieved_ratio": result.achieved_ratio,
-        "sequential": sequential,
-        "rank_per_matrix": ranks,
+        "sequential": out.sequential,
+        "rank_per_matrix": result.ranks,
         "calibration": result.calibration,
         "config": config.to_dict(),
-        "allocation_info": {k: v for k, v in alloc.info.items() if isinstance(v, (int, float, str))},
+        "allocation_info": {k: v for k, v in out.alloc.info.items() if isinstance(v, (int, float, str))},
         "params_before": params_before,
         "params_after": params_after,
+        "device": str(device),
+        "dtype": dtype_name(dtype),
+        "torch_threads": torch.get_num_threads(),
+        "timings": result.timings,
     }
-    return result

@@ -18,10 +18,25 @@ from rankwise.compression.allocation.energy import energy_allocation
 from rankwise.compression.allocation.greedy import global_allocation
 from rankwise.compression.allocation.uniform import uniform_allocation
 from rankwise.compression.allocation.welore import welore_allocation
-from rankwise.errors import RankwiseError
+from rankwise.registry import Registry
 
-ALLOCATORS = ("uniform", "energy", "welore", "global")
+#: allocators by name; each entry is a callable ``(shapes, ratio, energies, **options) -> Allocation``
+ALLOCATORS: Registry = Registry("allocation")
 NEEDS_SPECTRA = {"energy", "welore", "global"}
+
+
+def _welore(shapes, ratio, energies, **options) -> Allocation:
+    w = welore_allocation([e.clamp_min(0).sqrt() for e in energies], shapes, ratio,
+                          **{k: v for k, v in options.items() if k == "min_saving"})
+    ranks = normalise_ranks(shapes, w.ranks)
+    return Allocation(ranks=ranks, achieved_ratio=achieved_ratio(shapes, ranks), info={"threshold": w.threshold})
+
+
+ALLOCATORS.register("uniform", lambda shapes, ratio, energies, **options: uniform_allocation(shapes, ratio))
+ALLOCATORS.register("energy", lambda shapes, ratio, energies, **options: energy_allocation(energies, shapes, ratio))
+ALLOCATORS.register("welore", _welore)
+ALLOCATORS.register("global", lambda shapes, ratio, energies, **options: global_allocation(
+    energies, shapes, ratio, **{k: v for k, v in options.items() if k in ("norm", "sensitivity", "min_rank_frac")}))
 
 
 def allocate(
@@ -32,23 +47,11 @@ def allocate(
     **options,
 ) -> Allocation:
     """Rank map for ``ratio`` by allocator ``name``; ``energies`` (σᵢ² per matrix) for all but uniform."""
+    fn = ALLOCATORS.get(name)
     check_reachable(shapes, ratio)
-    if name == "uniform":
-        return uniform_allocation(shapes, ratio)
-    if name not in ALLOCATORS:
-        raise RankwiseError(f"unknown allocation {name!r}; choose one of {', '.join(ALLOCATORS)}.")
-    if energies is None:
+    if name in NEEDS_SPECTRA and energies is None:
         raise ValueError(f"allocation {name!r} needs the spectra of the matrices")
-    if name == "energy":
-        return energy_allocation(energies, shapes, ratio)
-    if name == "welore":
-        w = welore_allocation([e.clamp_min(0).sqrt() for e in energies], shapes, ratio,
-                              **{k: v for k, v in options.items() if k == "min_saving"})
-        ranks = normalise_ranks(shapes, w.ranks)
-        return Allocation(ranks=ranks, achieved_ratio=achieved_ratio(shapes, ranks), info={"threshold": w.threshold})
-    return global_allocation(
-        energies, shapes, ratio, **{k: v for k, v in options.items() if k in ("norm", "sensitivity", "min_rank_frac")}
-    )
+    return fn(shapes, ratio, energies, **options)
 
 
 __all__ = [

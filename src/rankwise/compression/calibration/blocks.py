@@ -1,66 +1,26 @@
-"""Sequential (block-by-block) calibration without knowing the model family.
+"""Block-0 capture helpers kept for callers not yet on :class:`rankwise.compression.runner.BlockRunner`.
 
-The repeated blocks of a network are found structurally: the longest
-``nn.ModuleList`` whose children contain target layers (Llama's ``model.layers``,
-GPT-2's ``transformer.h``, BERT's ``encoder.layer``). The inputs of block 0 are
-captured by a forward pre-hook that records (args, kwargs) and stops the forward
-pass, so the rest of the network never runs. Each block is then run on the
-stored inputs one at a time; only one block's inputs and outputs are in memory.
+Deprecated: these reuse block 0's keyword arguments for every block, which is wrong for
+models whose layers get different attention masks (sliding-window and global layers). Use
+:class:`rankwise.compression.runner.BlockRunner`, which captures each block's own arguments.
+``Blocks`` and ``find_blocks`` live in the runner and are re-exported here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from rankwise.surgery.targets import Target
+from rankwise.compression.runner import Blocks, find_blocks
+
+__all__ = ["Blocks", "capture_block_inputs", "find_blocks", "initial_hiddens", "run_block"]
 
 
 class _StopForward(Exception):
     """Raised by the capture hook to end a forward pass early."""
-
-
-@dataclass
-class Blocks:
-    """The repeated blocks: their container name, the modules, and each target's block index."""
-
-    prefix: str
-    modules: list[nn.Module]
-    index_of: dict[str, int]  # target name -> block index (targets outside blocks are absent)
-
-
-def _indices(prefix: str, names: list[str]) -> dict[str, int]:
-    pre = f"{prefix}." if prefix else ""
-    out = {}
-    for n in names:
-        if n.startswith(pre):
-            head = n[len(pre) :].split(".")[0]
-            if head.isdigit():
-                out[n] = int(head)
-    return out
-
-
-def find_blocks(model: nn.Module, targets: list[Target]) -> Blocks | None:
-    """The longest ``nn.ModuleList`` whose children hold targets, or None if the model has none."""
-    best: tuple[int, str, dict[str, int]] | None = None
-    names = [t.name for t in targets]
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) < 2:
-            continue
-        index_of = _indices(name, names)
-        if len(set(index_of.values())) < 2:
-            continue
-        if best is None or len(mod) > best[0]:
-            best = (len(mod), name, index_of)
-    if best is None:
-        return None
-    _, prefix, index_of = best
-    mlist = model.get_submodule(prefix)
-    return Blocks(prefix=prefix, modules=list(mlist), index_of=index_of)
 
 
 def capture_block_inputs(model: nn.Module, block: nn.Module, forward_loop: Callable[[nn.Module], Any]) -> list:

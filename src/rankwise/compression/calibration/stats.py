@@ -64,6 +64,7 @@ class StatsCollector:
         want_grad: bool = False,
         skip_first: int = 0,
         chunk_rows: int = 1024,
+        stats_device: torch.device | None = None,
     ) -> None:
         self.targets = targets
         self.want_xtx = want_xtx
@@ -71,6 +72,7 @@ class StatsCollector:
         self.want_grad = want_grad
         self.skip_first = skip_first
         self.chunk_rows = chunk_rows
+        self.stats_device = stats_device  # where the float64 sums live (None: with the activations)
         self.stats: dict[str, LayerStats] = {t.name: LayerStats(n=t.shape[1]) for t in targets}
         self._handles: list = []
         self._last_input: torch.Tensor | None = None
@@ -84,15 +86,17 @@ class StatsCollector:
             x = x[..., self.skip_first :, :]
         x = x.reshape(-1, x.shape[-1])
         xtx = None
+        dev = self.stats_device or x.device
         if self.want_xtx:
-            xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-            # chunk products in the input's precision (at least float32), summed in float64:
-            # float64 matmuls cost twice as much on CPU and a 1024-row float32 sum loses ~1e-7
+            xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=dev)
+            # chunk products in the input's precision (at least float32) where the activations are,
+            # summed in float64 on the statistics device: float64 matmuls cost twice as much on CPU
+            # (and 32-64x on consumer GPUs) and a 1024-row float32 sum loses ~1e-7
             dt = torch.float64 if x.dtype == torch.float64 else torch.float32
             for i in range(0, x.shape[0], self.chunk_rows):
                 xc = x[i : i + self.chunk_rows].to(dt)
-                xtx.add_((xc.T @ xc).to(torch.float64))
-        a = x.abs().to(torch.float64).sum(0) if self.want_abs else None
+                xtx.add_((xc.T @ xc).to(device=dev, dtype=torch.float64))
+        a = x.abs().to(torch.float64).sum(0).to(dev) if self.want_abs else None
         return xtx, a, x.shape[0]
 
     def _hook(self, name: str):
@@ -121,7 +125,7 @@ class StatsCollector:
         def hook(grad: torch.Tensor) -> torch.Tensor:
             g = grad.detach().to(torch.float64)
             g = g.T if target.transposed else g
-            sq = (g * g).sum(1)
+            sq = (g * g).sum(1).to(self.stats_device or g.device)
             st.grad_sq = sq if st.grad_sq is None else st.grad_sq.add_(sq)
             return grad
 
