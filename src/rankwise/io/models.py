@@ -167,11 +167,48 @@ def is_rankwise_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / "rankwise.json").is_file()
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                    "spiece.model", "sentencepiece.bpe.model")
+
+
+def _config_vocab_size(folder: Path) -> int | None:
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    v = text.get("vocab_size")
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
 def load_tokenizer(name_or_path: str | os.PathLike | None = None):
-    """The tokenizer of a model name or folder."""
+    """The tokenizer of a model name or folder, checked against the model's vocabulary.
+
+    A folder without tokenizer files, an unreadable tokenizer, or one whose ids reach beyond
+    ``config.json``'s ``vocab_size`` (the embedding would be indexed out of range) is a one-line error.
+    """
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(resolve_model(name_or_path)))
+    folder = resolve_model(name_or_path)
+    if folder.is_dir() and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        raise RankwiseError(
+            f"{folder} has no tokenizer files, and this step needs a tokenizer; copy them from the base model "
+            "(tokenizer.save_pretrained(folder)) or pass token ids instead of text."
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        msg = str(exc).strip().splitlines()[0][:150] if str(exc).strip() else type(exc).__name__
+        raise RankwiseError(f"cannot read the tokenizer of {folder} ({msg}); save it again with the model.") from exc
+    vocab = _config_vocab_size(folder)
+    if vocab is not None and len(tok) > vocab:
+        raise RankwiseError(
+            f"the tokenizer of {folder} has {len(tok)} tokens, ids beyond the model's vocabulary of {vocab}; "
+            "it belongs to another model (copy the right tokenizer files)."
+        )
+    return tok
 
 
 def load_model(
