@@ -101,3 +101,52 @@ def test_fsdp_equals_ddp(tmp_path) -> None:
         # every process keeps about half of the optimizer state (moments sharded with the parameters)
         ddp_bytes, fsdp_bytes = res["state_bytes"]
         assert fsdp_bytes < 0.6 * ddp_bytes, (key, fsdp_bytes, ddp_bytes)
+
+
+def test_train_cli_under_torchrun_fsdp(tmp_path) -> None:
+    """``torchrun --nproc-per-node 2 -m rankwise train --fsdp``: half the optimizer state per process, one writer."""
+    import json
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from rankwise.cli.main import main
+    from rankwise.io.texts import load_text
+
+    text = load_text("ptb", "train")[:20_000]
+    vocab = {"<unk>": 0, "<s>": 1}
+    for w in text.split():
+        if w not in vocab and len(vocab) < 200:
+            vocab[w] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>")
+    torch.manual_seed(0)
+    folder = tmp_path / "model"
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                 num_hidden_layers=2, vocab_size=200, bos_token_id=1, eos_token_id=1)
+                     ).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    (tmp_path / "train.txt").write_text(text)
+    # one projection (gap 10 > 3 steps): a later refresh may pick other signs in one process than under FSDP
+    args = ["train", str(folder), "--data", str(tmp_path / "train.txt"), "--steps", "3", "--seq-len", "32",
+            "--rank", "4", "--update-gap", "10", "--eval-tokens", "64", "--eval-seq-len", "32", "--no-progress"]
+    assert main([*args, "--batch-size", "4", "--out", str(tmp_path / "one"), "--json", str(tmp_path / "one.json")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "rankwise",
+         *args, "--batch-size", "2", "--fsdp", "--out", str(tmp_path / "two"), "--json", str(tmp_path / "two.json")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["processes"] == 2 and two["parallel"] == "fsdp" and two["steps"] == 3
+    # the same global batches (2 processes × 2 windows = 1 process × 4): the same loss curve up to float order
+    assert two["train"]["losses"] != one["train"]["losses"]  # each process reports its own half-batch ...
+    assert abs(two["final_loss"] - one["final_loss"]) < 1e-3 * one["final_loss"]  # ... their mean is the same
+    assert two["optimizer_state_bytes_per_rank"] < 0.6 * one["optimizer_state_bytes_per_rank"]
+    assert two["parameters"] == one["parameters"]
+    assert two["perplexity"]["perplexity"] == pytest.approx(one["perplexity"]["perplexity"], rel=1e-3)
+    assert (tmp_path / "two" / "config.json").is_file()
