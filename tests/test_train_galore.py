@@ -344,3 +344,26 @@ def test_state_bytes_follow_the_closed_form() -> None:
     lm_step(model, adam, batch(0))
     n_params = sum(p.numel() for p in model.parameters())
     assert optimizer_state_bytes(adam).total == 2 * n_params * 4 + 4 * len(list(model.parameters()))
+
+
+def test_the_trainer_builds_galore_through_the_factory_hook(tmp_path) -> None:
+    """Trainer(optimizer_cls_and_kwargs=(GaLoreFactory, ...)) trains with GaLoreAdamW's low-rank groups."""
+    from transformers import Trainer, TrainingArguments
+
+    from rankwise.train import GaLoreFactory
+
+    model = tiny_llama(0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    data = [{"input_ids": (x := batch(i, n=1)[0]), "labels": x} for i in range(4)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                             save_strategy="no", use_cpu=True, logging_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data,
+                      optimizer_cls_and_kwargs=(GaLoreFactory, {"rank": 4, "update_proj_gap": 10, "lr": 1e-2}))
+    trainer.train()
+    opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert isinstance(opt, GaLoreAdamW)
+    low = next(g for g in opt.param_groups if "rank" in g)
+    assert low["rank"] == 4 and low["initial_lr"] == 1e-2  # (the Trainer's schedule has decayed "lr" to 0)
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert opt.state[q]["exp_avg"].shape == (64, 4)  # projected moments: m×r, not m×n
+    assert not torch.equal(q.detach(), before["model.layers.0.self_attn.q_proj.weight"])

@@ -2,14 +2,16 @@
 
 * :class:`GaLoreAdamW`: drop-in for ``galore_torch.GaLoreAdamW`` with
   ``projection="svd" | "randomized" | "dct"`` and ``fira=True``;
-  :func:`galore_param_groups` builds its groups for a Hugging Face model.
+  :func:`galore_param_groups` builds its groups for a Hugging Face model; :class:`GaLoreFactory`
+  lets a Hugging Face ``Trainer`` build it (``optimizer_cls_and_kwargs``); under FSDP2 it works on
+  the row shards (:mod:`rankwise.train.sharded`).
 * :class:`TRP`, :class:`Cuttlefish`: callbacks for HF ``Trainer`` or a plain loop.
 * :func:`optimizer_state_bytes`: optimizer-state memory counted from the tensors.
 * :func:`train_loop`, :func:`training_windows`: the loop ``rankwise train`` runs.
 """
 
 from rankwise.train.callbacks import TRP, Cuttlefish, replace_in_optimizer
-from rankwise.train.galore import GaLoreAdamW, galore_param_groups
+from rankwise.train.galore import GaLoreAdamW, GaLoreFactory, galore_param_groups
 from rankwise.train.loop import TrainResult, train_loop, training_windows
 from rankwise.train.memory import StateMemory, optimizer_state_bytes
 from rankwise.train.projector import Projector, dct_basis
@@ -18,6 +20,7 @@ __all__ = [
     "TRP",
     "Cuttlefish",
     "GaLoreAdamW",
+    "GaLoreFactory",
     "Projector",
     "StateMemory",
     "TrainResult",

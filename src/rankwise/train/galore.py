@@ -391,3 +391,26 @@ def _sharded_targets(model: nn.Module, targets: str | None, exclude: str | None)
     if not found:
         raise RankwiseError("no target matrices are left once the LM head and tied embeddings are excluded.")
     return found
+
+
+class GaLoreFactory:
+    """Builds a :class:`GaLoreAdamW` for a model: the Hugging Face Trainer's optimizer-factory hook.
+
+    ``TrainingArguments(optim=...)`` accepts only the names of transformers' own ``OptimizerNames``
+    enum (its handler table is private), so a rankwise optimizer cannot be *named* there. The public
+    routes are ``Trainer(optimizers=(GaLoreAdamW(...), None))`` and, to let the Trainer build it
+    (after accelerate has wrapped or sharded the model)::
+
+        Trainer(..., optimizer_cls_and_kwargs=(GaLoreFactory, {"rank": 128, "lr": 1e-3}))
+
+    The Trainer instantiates the factory and calls it with the model and the kwargs: the
+    :func:`galore_param_groups` options (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``,
+    ``projection``, ``fira``, ``targets``, ``exclude``) build the groups, the rest go to
+    :class:`GaLoreAdamW`.
+    """
+
+    GROUP_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "projection", "fira", "targets", "exclude")
+
+    def __call__(self, model: nn.Module, **kwargs: Any) -> GaLoreAdamW:
+        group_kw = {k: kwargs.pop(k) for k in self.GROUP_KEYS if k in kwargs}
+        return GaLoreAdamW(galore_param_groups(model, **group_kw), **kwargs)
