@@ -1,6 +1,6 @@
 """``rankwise.compress``: one-shot low-rank compression of a trained model, in place.
 
-Pipeline (methods.md §2–§3), every calibration-driven stage through the one block runner
+Pipeline (docs/methods.md §2–§3), every calibration-driven stage through the one block runner
 (:mod:`rankwise.compression.runner`):
 
 1. find the target matrices (every Linear/Conv1D except the LM head and tied layers);
@@ -300,7 +300,8 @@ def run_pipeline(
     has_windows = getattr(loop, "windows", None) is not None
 
     def runner(run_loop, progress: bool = config.progress) -> BlockRunner:
-        assert blocks is not None
+        if blocks is None:
+            raise RuntimeError("rankwise bug: a block runner was asked for a model without decoder blocks")
         r = BlockRunner(model, blocks, run_loop, device=device, load=load, release=release,
                         spill_bytes=spill_bytes, progress=progress)
         if runners is not None:
@@ -366,7 +367,8 @@ def run_pipeline(
             for col in cols.values():
                 grad_stats.update(col.stats)
         elif load is None:  # a user forward loop (or no blocks): the loop's own backward on the whole model
-            assert loop is not None
+            if loop is None:
+                raise RuntimeError("rankwise bug: gradient statistics without a calibration loop")
             with frozen(model), collector(targets, want_xtx=False, want_abs=False, want_grad=True) as col:
                 loop(model)
             grad_stats = col.stats
@@ -390,7 +392,8 @@ def run_pipeline(
         outside_stats: dict[str, LayerStats] = {}
         if outside:
             if data_walk and not (cache is not None and all(t.name in cache for t in outside)):
-                assert loop is not None
+                if loop is None:
+                    raise RuntimeError("rankwise bug: a data walk without a calibration loop")
                 with collector(outside) as col, torch.no_grad():
                     loop(model)
                 dist.all_reduce_stats(col.stats)
@@ -465,7 +468,8 @@ def run_pipeline(
         def one(name: str) -> dict:
             t = by_name[name]
             k = rank_of[name]
-            assert k is not None
+            if k is None:  # dense matrices are filtered out before factorisation
+                raise RuntimeError(f"rankwise bug: {name} reached factorisation without a rank")
             if k >= break_even_rank(*t.shape):
                 raise RankwiseError(f"{name}: rank {k} at/above break-even")  # allocators never do this
             p = method.prepare(t.weight().to(sdev), stats.get(name), opts, name=name, vectors=True)

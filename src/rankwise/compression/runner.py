@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from rankwise.errors import RankwiseError
+from rankwise.progress import progress as progress_bar
 from rankwise.surgery.targets import Target
 
 #: hidden states kept in RAM between two blocks before the rest spills to disk (bytes)
@@ -410,7 +411,8 @@ class BlockRunner:
 
     def forward_block(self, i: int, block: nn.Module, b: int, h: torch.Tensor) -> torch.Tensor:
         """Block ``i`` on batch ``b`` with hidden state ``h`` (on the device); returns its hidden state."""
-        assert self.calls is not None
+        if self.calls is None:
+            raise RuntimeError("rankwise bug: forward_block before capture()")
         args, kwargs = self.calls[i][b]
         a, kw = _call_args(self._to_device(args, {}), self._to_device(kwargs, {}), h.to(self.device))
         return block_output(block(*a, **kw))
@@ -447,8 +449,7 @@ class BlockRunner:
             if self.calls is None:
                 self.capture()
             hiddens = self.h0
-        with tqdm(total=len(self.blocks.modules), desc=desc, unit="block", disable=not self.progress,
-                  leave=False) as bar:
+        with progress_bar(len(self.blocks.modules), desc=desc, unit="block", enabled=self.progress) as bar:
             for i in range(len(self.blocks.modules)):
                 with self.block(i) as block:
                     if hiddens is None:
@@ -484,14 +485,13 @@ class BlockRunner:
         input gradient down. Parameters keep their ``requires_grad`` flags: freeze what should
         not get gradients.
         """
-        from tqdm.auto import tqdm
-
         if self.calls is None:
             self.capture()
-        assert self.h0 is not None
+        if self.h0 is None:
+            raise RuntimeError("rankwise bug: capture() left no block inputs")
         n = len(self.blocks.modules)
         inputs: list[HiddenStore] = [self.h0]
-        with tqdm(total=2 * n, desc=desc, unit="block", disable=not self.progress, leave=False) as bar:
+        with progress_bar(2 * n, desc=desc, unit="block", enabled=self.progress) as bar:
             for i in range(n):
                 with self.block(i) as block:
                     inputs.append(self.run(i, block, inputs[-1]))
