@@ -442,8 +442,6 @@ class BlockRunner:
         block, and with ``sequential`` the block is then run again so the next block sees the
         changed block's outputs. Without data, ``process`` is just called on each block.
         """
-        from tqdm.auto import tqdm
-
         hiddens: HiddenStore | None = None
         if with_data:
             if self.calls is None:
