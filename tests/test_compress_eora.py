@@ -1,4 +1,4 @@
-"""EoRA compensation (docs/methods.md §3 "eora"): optimality on one matrix, exactness at full rank, a tiny Llama, errors."""
+"""EoRA compensation (docs/methods.md §3): optimality on one matrix, exactness at full rank, a tiny Llama, errors."""
 
 from __future__ import annotations
 
