@@ -1,25 +1,29 @@
-"""Benchmark of rankwise.tune adapters against PEFT, side by side in one process.
+"""Benchmark of every rankwise.tune method (native and PEFT-backed) through the one Trainer loop.
 
-Four parts (issue 5), each scaled by default so the whole script finishes in
-< 25 min on 2 shared CPU cores; ``--full`` restores the issue's protocol.
+Parts (``--parts``, default all but ``heal``), scaled so the whole script fits a shared 2-core CPU box
+(defaults below; the flags scale them up):
 
-1. BBC classification on MiniLM-L6 (fresh 5-way head trained with the adapter):
-   default 160 training articles, seq-len 128, batch 8, 1 epoch, LR grid
-   {1e-3} (svfit and loldu ×10: they train singular values / a diagonal), seed 0,
-   accuracy on 200 test articles.  --full: 600 articles, seq-len 256, batch 4,
-   LRs {2e-4, 5e-4, 1e-3}, seeds {0, 1}, all 445 test articles.
-2. Causal LM on SmolLM2-135M: default 10 steps of 2×128 PTB-train tokens,
-   PTB-test perplexity on 1,024 tokens.  --full: 100 steps of 4×256, 4,096 tokens.
-3. Healing: SmolLM2 compressed by ``rankwise.compress`` (whiten, uniform
-   allocation) at ρ = 0.2 and 0.4, then ``heal`` (train the factors) for the LM
-   budget of part 2; reports the fraction of the perplexity gap to dense recovered.
-4. Init time: PiSSA exact/randomized, PEFT and rankwise, interleaved rounds.
+* ``classify``: BBC 5-way classification on MiniLM-L6 (fresh head trained with the adapter). Reduction
+  from the issue's 3 LRs × 2 seeds × every method: ONE base learning rate, chosen for LoRA on a
+  *validation* slice of the BBC train split (grid ``--cls-lrs``), then used by every method (× the
+  CLI's multiplier for methods that train singular values / diagonals / an r×r core: svfit, loldu,
+  lora-xs ×10); one seed; 1 epoch over 64 articles (seq-len 128, batch 8); accuracy on 100 test
+  articles. Extra rows: LoRA at r/2 and DyLoRA (trained at r) evaluated at r/2.
+* ``lm``: PTB language modelling on SmolLM2-135M, every method at the CLI's default learning rate
+  (no search), few steps (``--lm-steps`` of 2×128 tokens), PTB-test perplexity on ``--lm-eval-tokens``.
+  The per-step losses give the LoRA-GA goal (steps to reach LoRA's final loss).
+* ``parity``: rankwise's dora/olora vs PEFT used by hand (LoraConfig + get_peft_model + the plain
+  transformers.Trainer) on the classification setup: max per-step loss difference.
+* ``init``: PiSSA init time, PEFT exact / PEFT randomized (``pissa_niter_2``) vs rankwise exact /
+  randomized, interleaved rounds (ratios only: the machine is shared).
+* ``heal``: compress SmolLM2 then heal (train the factors), fraction of the perplexity gap recovered.
 
-Step time is also measured A/B (rankwise lora and PEFT LoRA steps interleaved on
-the same batch) because the shared machine's load drifts during a run.
+Excluded from classify/lm: welore-lrc and heal (they need a compressed model: part ``heal``) and
+loftq (PEFT's LoftQ quantises with bitsandbytes on CUDA; this box has neither).
 
-    python bench/tune_quality.py            # scaled default (1 torch thread)
-    python bench/tune_quality.py --full     # the issue's protocol (hours on 2 cores)
+    python bench/tune_quality.py                       # everything, reduced protocol (~40 min, 1 thread)
+    python bench/tune_quality.py --parts classify,init  # a subset
+Writes bench/results/tune_quality.json (bench/_common.write_result) and docs/img/tune_quality.png.
 """
 
 from __future__ import annotations
@@ -27,8 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
-import math
 import statistics
 import sys
 import time
@@ -37,324 +39,396 @@ from typing import Any
 
 import torch
 
-from rankwise.io.models import load_model, load_tokenizer
-from rankwise.io.texts import load_labelled
-from rankwise.tune import AdapterConfig, apply, trainable_parameters
-from rankwise.tune.trainer import ClassifyData, LMData, TrainConfig, accuracy, evaluate, train
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
+from rankwise.cli.tune_cmd import default_lr  # noqa: E402
+from rankwise.io.models import load_model, load_tokenizer  # noqa: E402
+from rankwise.io.texts import load_labelled, load_text  # noqa: E402
+from rankwise.training import (  # noqa: E402
+    LabelledTexts,
+    LMWindows,
+    TextCollator,
+    TrainConfig,
+    accuracy,
+    evaluate,
+    init_batches,
+    lm_collate,
+    train,
+)
+from rankwise.tune import AdapterConfig, apply, set_eval_rank, trainable_parameters  # noqa: E402
+from rankwise.tune.registry import DATA_INIT_METHODS  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results" / "tune_quality.json"
-LR_MULT = {"svfit": 10.0, "loldu": 10.0}
+PICTURE = Path(__file__).resolve().parent.parent / "docs" / "img" / "tune_quality.png"
+ALL = ["lora", "pissa", "svfit", "salt", "sorsa", "loldu", "lora-xs", "lora-ga", "dylora",
+       "dora", "adalora", "eva", "olora", "corda"]
 
 
-# -- adapters: rankwise and PEFT behind one interface ---------------------------------------------
-def attach(model, method: str, rank: int, alpha: float, targets: list[str], head: str | None) -> tuple[float, Any]:
-    """Attach ``method`` to ``model``; returns (init seconds, the model to train: PEFT wraps it)."""
+def attach(model, method: str, rank: int, alpha: float, head: str | None, steps: int,
+           data: list[dict[str, torch.Tensor]] | None, seed: int = 0, targets: str | None = None
+           ) -> tuple[float, Any]:
+    """(init seconds, model to train) for a rankwise method or a ``peft-*`` baseline used by hand."""
     t0 = time.perf_counter()
     if method.startswith("peft-"):
         import peft
 
+        from rankwise.surgery import find_targets
+
+        targets = [t.name for t in find_targets(model) if not (head and t.name.startswith(head))]
         init = {"peft-lora": True, "peft-pissa": "pissa", "peft-pissa-rand": "pissa_niter_2"}[method]
-        cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
-                              init_lora_weights=init, modules_to_save=[head] if head else None)
-        model = peft.get_peft_model(model, cfg)
+        torch.manual_seed(seed)
+        model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
+                                                           init_lora_weights=init,
+                                                           modules_to_save=[head] if head else None))
     else:
-        name, _, variant = method.partition("-")
+        name, _, variant = method.partition("@")
         cfg = AdapterConfig(method=name, rank=None if name == "svfit" else rank, alpha=alpha,
-                            targets="^(" + "|".join(t.replace(".", r"\.") for t in targets) + ")$",
-                            modules_to_save=f"^{head}$" if head else None,
-                            svd="randomized" if variant == "rand" else "exact", svd_iters=2)
-        apply(model, cfg, progress=False)
+                            modules_to_save=f"^{head}$" if head else None, total_steps=steps, seed=seed,
+                            targets=targets,
+                            svd="randomized" if variant == "rand" else "exact")
+        model = apply(model, cfg, data=data if name in DATA_INIT_METHODS else None, progress=False)
     return time.perf_counter() - t0, model
 
 
-def body_targets(model, head: str | None) -> list[str]:
-    from rankwise.surgery import find_targets
-
-    return [t.name for t in find_targets(model) if not (head and t.name.startswith(head))]
-
-
-def row_table(rows: list[dict[str, Any]], metric: str) -> str:
-    hdr = f"| method | trainable params | {metric} | s/step | peak RSS +MB | init s |"
-    lines = [hdr, "|---|---:|---:|---:|---:|---:|"]
+def table(rows: list[dict[str, Any]], metric: str) -> str:
+    lines = [f"| method | trainable params | {metric} | lr | s/step | peak RSS +MB | init s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         val = f"{r[metric]:.4f}" if metric == "accuracy" else f"{r[metric]:.2f}"
-        lines.append(f"| {r['method']} | {r['trainable_parameters']:,} | {val} | {r['s_per_step']:.2f} | "
-                     f"{r['peak_rss_delta_mb']:.0f} | {r['init_s']:.2f} |")
+        lines.append(f"| {r['method']} | {r['trainable_parameters']:,} | {val} | {r['lr']:g} | "
+                     f"{r['s_per_step']:.2f} | {r['peak_memory_delta_mb']:.0f} | {r['init_s']:.2f} |")
     return "\n".join(lines)
 
 
-# -- part 1: classification -----------------------------------------------------------------------
+# -- classification -------------------------------------------------------------------------------
 def part_classify(a: argparse.Namespace) -> dict[str, Any]:
     tok = load_tokenizer("minilm-l6")
     texts, labels, names = load_labelled("bbc", "train")
     te_texts, te_labels, _ = load_labelled("bbc", "test")
     te_texts, te_labels = te_texts[: a.cls_eval], te_labels[: a.cls_eval]
+    pool = LabelledTexts(texts, labels, seed=0)  # seeded shuffle of the train split
+    train_ds = LabelledTexts(pool.texts[: a.cls_train], pool.labels[: a.cls_train], seed=1)
+    val_texts = pool.texts[a.cls_train: a.cls_train + a.cls_val]
+    val_labels = pool.labels[a.cls_train: a.cls_train + a.cls_val]
     base = load_model("minilm-l6", task="classify", num_labels=len(names))
-    targets = body_targets(base, "classifier")
-    head_init = copy.deepcopy(base.classifier.state_dict())
-    runs, best = [], []
-    for method in a.cls_methods:
-        per_lr: dict[float, list[dict[str, Any]]] = {}
-        for lr0 in a.cls_lrs:
-            lr = lr0 * LR_MULT.get(method.split("-")[0] if not method.startswith("peft") else "", 1.0)
-            for seed in a.seeds:
-                torch.manual_seed(seed)
-                model = copy.deepcopy(base)
-                model.classifier.load_state_dict(head_init)  # same fresh head for every run
-                init_s, model = attach(model, method, a.rank, a.alpha, targets, "classifier")
-                cfg = TrainConfig(task="classify", data="bbc", epochs=1, lr=lr, batch_size=a.cls_batch,
-                                  seq_len=a.cls_seq_len, seed=seed, max_train=a.cls_train)
-                data = ClassifyData(tok, texts, labels, cfg)
-                res = train(model, data, cfg, progress=a.progress)
-                acc = accuracy(model, tok, te_texts, te_labels, seq_len=a.cls_seq_len, progress=False)
-                rec = {"method": method, "lr": lr, "seed": seed, "accuracy": acc, "init_s": init_s,
-                       "trainable_parameters": trainable_parameters(model), **res.to_dict()}
-                runs.append(rec)
-                per_lr.setdefault(lr, []).append(rec)
-                print(f"  cls {method:16s} lr={lr:.0e} seed={seed} acc={acc:.4f} {res.s_per_step:.2f} s/step "
-                      f"init {init_s:.2f}s", file=sys.stderr)
-                del model
-                gc.collect()
-        lr_best = max(per_lr, key=lambda k: statistics.mean(r["accuracy"] for r in per_lr[k]))
-        rs = per_lr[lr_best]
-        best.append({
-            "method": method, "lr": lr_best, "accuracy": statistics.mean(r["accuracy"] for r in rs),
-            "accuracy_seeds": [r["accuracy"] for r in rs],
-            "trainable_parameters": rs[0]["trainable_parameters"],
-            "s_per_step": statistics.mean(r["s_per_step"] for r in rs),
-            "peak_rss_delta_mb": max(r["peak_rss_delta_mb"] for r in rs),
-            "init_s": statistics.mean(r["init_s"] for r in rs),
-        })
-    ab = step_ab(base, tok, texts, labels, targets, a)
-    return {"runs": runs, "best": best, "step_time_ab": ab,
-            "setup": {"train_articles": a.cls_train, "eval_articles": len(te_texts), "seq_len": a.cls_seq_len,
-                      "batch_size": a.cls_batch, "epochs": 1, "lrs": a.cls_lrs, "seeds": a.seeds,
-                      "rank": a.rank, "alpha": a.alpha, "lr_multiplier": LR_MULT}}
+    head0 = copy.deepcopy(base.classifier.state_dict())
+    collate = TextCollator(tok, a.cls_seq_len)
+    steps = -(-len(train_ds) // a.cls_batch)
+    cfg = TrainConfig(task="classify", data="bbc", epochs=1, batch_size=a.cls_batch, seq_len=a.cls_seq_len,
+                      seed=0)
+    data = [collate([train_ds[i] for i in range(k * a.cls_batch, min(len(train_ds), (k + 1) * a.cls_batch))])
+            for k in range(min(4, steps))]
+
+    def run(method: str, lr: float, rank: int | None = None, evals=((None, "test"),)) -> list[dict[str, Any]]:
+        model = copy.deepcopy(base)
+        model.classifier.load_state_dict(head0)  # the same fresh head for every run
+        r = rank or a.rank
+        init_s, model = attach(model, method, r, 2.0 * r, "classifier", steps, data)
+        res = train(model, train_ds, cfg, collator=collate, lr=lr, progress=a.progress)
+        out = []
+        for eval_rank, split in evals:
+            if eval_rank is not None:
+                set_eval_rank(model, eval_rank)
+            xs, ys = (te_texts, te_labels) if split == "test" else (val_texts, val_labels)
+            acc = accuracy(model, tok, xs, ys, seq_len=a.cls_seq_len, progress=False)
+            label = method if eval_rank is None else f"{method} (eval r={eval_rank})"
+            out.append({"method": label, "rank": r, "lr": lr, "split": split, "accuracy": acc, "init_s": init_s,
+                        "trainable_parameters": trainable_parameters(model), "losses": res.losses,
+                        **res.to_dict()})
+            print(f"  cls {label:24s} r={r} lr={lr:.0e} {split} acc={acc:.4f} {res.s_per_step:.2f} s/step "
+                  f"init {init_s:.2f}s", file=sys.stderr)
+        del model
+        gc.collect()
+        return out
+
+    # one base LR, chosen for LoRA on the validation slice (never on test)
+    search = [run("lora", lr, evals=((None, "val"),))[0] for lr in a.cls_lrs]
+    base_lr = max(search, key=lambda r: r["accuracy"])["lr"]
+    rows = []
+    for method in a.methods:
+        lr = base_lr * default_lr(method) / default_lr("lora")
+        evals = ((None, "test"), (a.rank // 2, "test")) if method == "dylora" else ((None, "test"),)
+        rows += run(method, lr, evals=evals)
+    rows += [{**r, "method": f"lora r={a.rank // 2}"} for r in run("lora", base_lr, rank=a.rank // 2)]
+    return {"lr_search_on_validation": [{k: r[k] for k in ("lr", "accuracy")} for r in search],
+            "base_lr": base_lr, "rows": rows,
+            "setup": {"train_articles": len(train_ds), "validation_articles": len(val_texts),
+                      "test_articles": len(te_texts), "seq_len": a.cls_seq_len, "batch_size": a.cls_batch,
+                      "epochs": 1, "steps": steps, "rank": a.rank, "alpha": 2 * a.rank, "seeds": [0]}}
 
 
-def step_ab(base, tok, texts, labels, targets, a) -> dict[str, Any]:
-    """Interleave rankwise-lora and PEFT-LoRA training steps on identical batches; median step times."""
-    cfg = TrainConfig(task="classify", data="bbc", steps=1, lr=1e-3, batch_size=a.cls_batch, seq_len=a.cls_seq_len)
-    batch = ClassifyData(tok, texts, labels, cfg).batch()
-    models = {}
-    for method in ("lora", "peft-lora"):
-        _, m = attach(copy.deepcopy(base), method, a.rank, a.alpha, targets, "classifier")
-        m.train()
-        models[method] = (m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3))
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for i in range(a.ab_rounds + 1):
-        for name in (list(models) if i % 2 == 0 else list(reversed(models))):
-            m, opt = models[name]
-            t0 = time.perf_counter()
-            m(**batch).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if i > 0:  # round 0 warms up
-                times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"rounds": a.ab_rounds, "median_s": med, "ratio_rankwise_over_peft": med["lora"] / med["peft-lora"]}
-
-
-# -- part 2: language modelling -------------------------------------------------------------------
-def lm_cfg(a: argparse.Namespace, seed: int = 0, lr: float | None = None) -> TrainConfig:
-    return TrainConfig(task="lm", data="ptb", steps=a.lm_steps, lr=lr or a.lm_lr, batch_size=a.lm_batch,
-                       seq_len=a.lm_seq_len, seed=seed, eval_tokens=a.lm_eval_tokens)
-
-
+# -- language modelling ---------------------------------------------------------------------------
 def part_lm(a: argparse.Namespace) -> dict[str, Any]:
     tok = load_tokenizer("smollm2-135m")
     base = load_model("smollm2-135m")
-    targets = body_targets(base, None)
-    cfg0 = lm_cfg(a)
-    dense = evaluate(base, tok, cfg0, progress=False)["value"]
-    print(f"  lm dense perplexity {dense:.2f}", file=sys.stderr)
-    rows = []
-    for method in a.lm_methods:
-        model = copy.deepcopy(base)
-        init_s, model = attach(model, method, a.rank, a.alpha, targets, None)
-        cfg = lm_cfg(a, lr=a.lm_lr * LR_MULT.get(method, 1.0))
-        data = LMData(tok, _ptb_train(), cfg, need_tokens=cfg.steps * cfg.batch_size * cfg.seq_len)
-        res = train(model, data, cfg, progress=a.progress)
-        ppl = evaluate(model, tok, cfg, progress=False)["value"]
-        rows.append({"method": method, "perplexity": ppl, "init_s": init_s,
-                     "trainable_parameters": trainable_parameters(model), **res.to_dict()})
-        print(f"  lm {method:16s} ppl={ppl:.2f} {res.s_per_step:.2f} s/step init {init_s:.2f}s", file=sys.stderr)
-        del model
-        gc.collect()
-    return {"dense_perplexity": dense, "rows": rows,
-            "setup": {"steps": a.lm_steps, "batch_size": a.lm_batch, "seq_len": a.lm_seq_len, "lr": a.lm_lr,
-                      "eval_tokens": a.lm_eval_tokens, "rank": a.rank, "alpha": a.alpha}}
-
-
-def _ptb_train() -> str:
-    from rankwise.io.texts import load_text
-
-    return load_text("ptb", "train")
-
-
-# -- part 3: healing ------------------------------------------------------------------------------
-def part_heal(a: argparse.Namespace) -> dict[str, Any]:
-    import rankwise
-
-    tok = load_tokenizer("smollm2-135m")
-    base = load_model("smollm2-135m")
-    cfg = lm_cfg(a, lr=a.heal_lr)
+    cfg = TrainConfig(task="lm", data="ptb", steps=a.lm_steps, batch_size=a.lm_batch, seq_len=a.lm_seq_len,
+                      eval_tokens=a.lm_eval_tokens, seed=0)
     dense = evaluate(base, tok, cfg, progress=False)["value"]
+    print(f"  lm dense perplexity {dense:.2f}", file=sys.stderr)
+    ds = LMWindows(tok, load_text("ptb", "train"), a.lm_seq_len, need_windows=a.lm_steps * a.lm_batch)
+    data = init_batches(tok, cfg, 2)
     rows = []
-    for ratio in a.heal_ratios:
+
+    def run(method: str, rank: int, eval_ranks=(None,)) -> None:
         model = copy.deepcopy(base)
-        t0 = time.perf_counter()
-        res_c = rankwise.compress(model, rankwise.CompressConfig(
-            ratio=ratio, method=a.heal_compress, alloc="uniform", sequential=False,
-            calib_samples=a.heal_calib, seq_len=128, progress=False), tokenizer=tok)
-        comp_s = time.perf_counter() - t0
-        ppl_c = evaluate(model, tok, cfg, progress=False)["value"]
-        apply(model, AdapterConfig(method="heal"), progress=False)
-        data = LMData(tok, _ptb_train(), cfg, need_tokens=cfg.steps * cfg.batch_size * cfg.seq_len)
-        tr = train(model, data, cfg, progress=a.progress)
-        ppl_h = evaluate(model, tok, cfg, progress=False)["value"]
-        rec = (ppl_c - ppl_h) / (ppl_c - dense) if ppl_c > dense else float("nan")
-        achieved = getattr(res_c, "achieved_ratio", None)
-        rows.append({"ratio": ratio, "achieved_ratio": achieved, "compress_s": comp_s, "dense": dense,
-                     "compressed": ppl_c, "healed": ppl_h, "recovered_fraction": rec,
-                     "trainable_parameters": trainable_parameters(model), **tr.to_dict()})
-        print(f"  heal rho={ratio} dense {dense:.2f} compressed {ppl_c:.2f} healed {ppl_h:.2f} "
-              f"recovered {rec:.1%}", file=sys.stderr)
-        del model
+        init_s, model = attach(model, method, rank, 2.0 * rank, None, a.lm_steps, data, targets=a.lm_targets)
+        lr = default_lr(method)
+        res = train(model, ds, cfg, collator=lm_collate, lr=lr, progress=a.progress)
+        for er in eval_ranks:
+            if er is not None:
+                set_eval_rank(model, er)
+            ppl = evaluate(model, tok, cfg, progress=False)["value"]
+            label = method if er is None else f"{method} (eval r={er})"
+            if rank != a.rank:
+                label = f"{method} r={rank}"
+            rows.append({"method": label, "rank": rank, "lr": lr, "perplexity": ppl, "init_s": init_s,
+                         "trainable_parameters": trainable_parameters(model), "losses": res.losses,
+                         **res.to_dict()})
+            print(f"  lm {label:24s} ppl={ppl:.2f} {res.s_per_step:.2f} s/step init {init_s:.2f}s",
+                  file=sys.stderr)
+
+    for method in a.methods:
+        run(method, a.rank, (None, a.rank // 2) if method == "dylora" else (None,))
         gc.collect()
-    return {"rows": rows, "setup": {"compress": {"method": a.heal_compress, "alloc": "uniform",
-                                                 "calib_samples": a.heal_calib, "seq_len": 128},
-                                    "heal": "factors", "steps": a.lm_steps, "lr": a.heal_lr,
-                                    "batch_size": a.lm_batch, "seq_len": a.lm_seq_len,
-                                    "eval_tokens": a.lm_eval_tokens}}
+    run("lora", a.rank // 2)
+    return {"dense_perplexity": dense, "rows": rows,
+            "setup": {"steps": a.lm_steps, "batch_size": a.lm_batch, "seq_len": a.lm_seq_len,
+                      "eval_tokens": a.lm_eval_tokens, "rank": a.rank, "alpha": 2 * a.rank,
+                      "targets": a.lm_targets,
+                      "lr": "CLI default per method (2e-4; x10 svfit, loldu, lora-xs)", "seeds": [0]}}
 
 
-# -- part 4: init time A/B -----------------------------------------------------------------------
+# -- parity with PEFT used by hand ----------------------------------------------------------------
+def part_parity(a: argparse.Namespace) -> dict[str, Any]:
+    import tempfile
+
+    import peft
+    from transformers import Trainer, TrainingArguments
+
+    tok = load_tokenizer("minilm-l6")
+    texts, labels, names = load_labelled("bbc", "train")
+    ds = LabelledTexts(texts, labels, seed=0, max_items=8 * a.parity_steps)
+    collate = TextCollator(tok, a.cls_seq_len)
+    base = load_model("minilm-l6", task="classify", num_labels=len(names))
+    out = {}
+    for method in ("dora", "olora"):
+        ours = apply(copy.deepcopy(base), AdapterConfig(method=method, rank=a.rank, modules_to_save="^classifier$"),
+                     progress=False)
+        targets = list(ours.rankwise_adapter["targets"])
+        res = train(ours, ds, TrainConfig(task="classify", steps=a.parity_steps, batch_size=8,
+                                          seq_len=a.cls_seq_len), collator=collate, lr=1e-3, progress=False)
+        kw = {"use_dora": True} if method == "dora" else {"init_lora_weights": "olora"}
+        torch.manual_seed(0)
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+            r=a.rank, lora_alpha=2 * a.rank, target_modules=targets, modules_to_save=["classifier"], **kw))
+        with tempfile.TemporaryDirectory() as tmp:
+            args = TrainingArguments(output_dir=tmp, max_steps=a.parity_steps, per_device_train_batch_size=8,
+                                     learning_rate=1e-3, lr_scheduler_type="linear", max_grad_norm=1.0, seed=0,
+                                     data_seed=0, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                                     disable_tqdm=True, remove_unused_columns=False)
+            tr = Trainer(model=theirs, args=args, train_dataset=ds, data_collator=collate)
+            tr.train()
+        ref = [e["loss"] for e in tr.state.log_history if "loss" in e]
+        diff = max(abs(x - y) for x, y in zip(res.losses, ref))
+        out[method] = {"rankwise": res.losses, "peft": ref, "max_abs_diff": diff}
+        print(f"  parity {method}: max |loss diff| over {len(ref)} steps = {diff:.2e}", file=sys.stderr)
+    return out
+
+
+# -- init time ------------------------------------------------------------------------------------
 def part_init(a: argparse.Namespace) -> dict[str, Any]:
-    """PiSSA init time, PEFT (exact / randomized) vs rankwise (exact / randomized), interleaved per round."""
     out: dict[str, Any] = {}
     for name in ("minilm-l6", "smollm2-135m"):
         cls = name == "minilm-l6"
         base = load_model(name, task="classify" if cls else "causal-lm", **({"num_labels": 5} if cls else {}))
         head = "classifier" if cls else None
-        targets = body_targets(base, head)
         times: dict[str, list[float]] = {}
         for _ in range(a.init_rounds):
-            for method in ("peft-pissa", "pissa", "pissa-rand", "peft-pissa-rand"):
-                t, m = attach(copy.deepcopy(base), method, a.rank, a.alpha, targets, head)
+            for method in ("peft-pissa", "pissa", "pissa@rand", "peft-pissa-rand"):
+                t, m = attach(copy.deepcopy(base), method, a.rank, 2.0 * a.rank, head, 1, None)
                 times.setdefault(method, []).append(t)
                 del m
                 gc.collect()
         med = {k: statistics.median(v) for k, v in times.items()}
         out[name] = {"seconds": times, "median_s": med,
-                     "speedup_rankwise_rand_vs_peft_exact": med["peft-pissa"] / med["pissa-rand"]}
+                     "peft_exact_over_rankwise_rand": med["peft-pissa"] / med["pissa@rand"],
+                     "peft_rand_over_rankwise_rand": med["peft-pissa-rand"] / med["pissa@rand"]}
         print(f"  init {name}: " + ", ".join(f"{k} {v:.2f}s" for k, v in med.items()), file=sys.stderr)
         del base
         gc.collect()
     return out
 
 
-# -- main -----------------------------------------------------------------------------------------
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--full", action="store_true", help="the issue's full protocol (slow)")
-    p.add_argument("--parts", default="classify,lm,heal,init")
-    p.add_argument("--init-rounds", type=int, default=2)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16)
-    p.add_argument("--seeds", default=None)
-    p.add_argument("--cls-methods", default="peft-lora,lora,peft-pissa,pissa,pissa-rand,svfit")
-    p.add_argument("--cls-lrs", default=None)
-    p.add_argument("--cls-train", type=int, default=None)
-    p.add_argument("--cls-eval", type=int, default=None)
-    p.add_argument("--cls-seq-len", type=int, default=None)
-    p.add_argument("--cls-batch", type=int, default=None)
-    p.add_argument("--ab-rounds", type=int, default=6)
-    p.add_argument("--lm-methods", default="peft-lora,lora,peft-pissa,pissa-rand")
-    p.add_argument("--lm-steps", type=int, default=None)
-    p.add_argument("--lm-batch", type=int, default=None)
-    p.add_argument("--lm-seq-len", type=int, default=None)
-    p.add_argument("--lm-lr", type=float, default=2e-4)
-    p.add_argument("--lm-eval-tokens", type=int, default=None)
-    p.add_argument("--heal-ratios", default="0.2,0.4")
-    p.add_argument("--heal-compress", default="whiten")
-    p.add_argument("--heal-calib", type=int, default=8)
-    p.add_argument("--heal-lr", type=float, default=1e-4)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: on the shared 2-core box 1 thread ran 2.5-3x faster than 2)")
-    p.add_argument("--progress", action="store_true", help="show per-run progress bars")
-    p.add_argument("--out", default=str(RESULTS))
-    a = p.parse_args(argv)
-    full = a.full
-    a.seeds = [int(s) for s in (a.seeds or ("0,1" if full else "0")).split(",")]
-    a.cls_lrs = [float(x) for x in (a.cls_lrs or ("2e-4,5e-4,1e-3" if full else "1e-3")).split(",")]
-    a.cls_train = a.cls_train or (600 if full else 160)
-    a.cls_eval = a.cls_eval or (100_000 if full else 200)
-    a.cls_seq_len = a.cls_seq_len or (256 if full else 128)
-    a.cls_batch = a.cls_batch or (4 if full else 8)
-    a.lm_steps = a.lm_steps or (100 if full else 10)
-    a.lm_batch = a.lm_batch or (4 if full else 2)
-    a.lm_seq_len = a.lm_seq_len or (256 if full else 128)
-    a.lm_eval_tokens = a.lm_eval_tokens or (4096 if full else 1024)
-    a.cls_methods = a.cls_methods.split(",")
-    a.lm_methods = a.lm_methods.split(",")
-    a.heal_ratios = [float(x) for x in a.heal_ratios.split(",")]
-    a.parts = a.parts.split(",")
-    return a
+# -- healing --------------------------------------------------------------------------------------
+def part_heal(a: argparse.Namespace) -> dict[str, Any]:
+    import rankwise
+
+    tok = load_tokenizer("smollm2-135m")
+    base = load_model("smollm2-135m")
+    cfg = TrainConfig(task="lm", data="ptb", steps=a.lm_steps, batch_size=a.lm_batch, seq_len=a.lm_seq_len,
+                      eval_tokens=a.lm_eval_tokens)
+    dense = evaluate(base, tok, cfg, progress=False)["value"]
+    ds = LMWindows(tok, load_text("ptb", "train"), a.lm_seq_len, need_windows=a.lm_steps * a.lm_batch)
+    rows = []
+    for ratio in (0.2,):
+        model = copy.deepcopy(base)
+        rankwise.compress(model, rankwise.CompressConfig(ratio=ratio, method="whiten", alloc="uniform",
+                                                         calib_samples=8, seq_len=128, progress=False),
+                          tokenizer=tok)
+        ppl_c = evaluate(model, tok, cfg, progress=False)["value"]
+        apply(model, AdapterConfig(method="heal"), progress=False)
+        res = train(model, ds, cfg, collator=lm_collate, lr=1e-4, progress=a.progress)
+        ppl_h = evaluate(model, tok, cfg, progress=False)["value"]
+        rows.append({"ratio": ratio, "dense": dense, "compressed": ppl_c, "healed": ppl_h,
+                     "recovered_fraction": (ppl_c - ppl_h) / (ppl_c - dense) if ppl_c > dense else None,
+                     "trainable_parameters": trainable_parameters(model), **res.to_dict()})
+    return {"rows": rows}
+
+
+# -- goals and picture ----------------------------------------------------------------------------
+def goals(out: dict[str, Any], rank: int) -> list[dict[str, Any]]:
+    g: list[dict[str, Any]] = []
+    if "parity" in out:
+        worst = max(v["max_abs_diff"] for v in out["parity"].values())
+        g.append({"goal": "PEFT-backed methods give PEFT's own loss curve within 1e-5 (dora, olora)",
+                  "measured": f"max |diff| {worst:.1e}", "met": worst <= 1e-5})
+    if "classify" in out:
+        rows = {r["method"]: r for r in out["classify"]["rows"]}
+        lora, xs = rows["lora"], rows.get("lora-xs")
+        if xs:
+            gap = 100 * (lora["accuracy"] - xs["accuracy"])
+            ratio = lora["trainable_parameters"] / xs["trainable_parameters"]
+            g.append({"goal": "LoRA-XS within 1 point of LoRA with >= 20x fewer trainable parameters (BBC)",
+                      "measured": f"{gap:+.1f} points below LoRA, {ratio:.0f}x fewer adapter+head parameters",
+                      "met": gap <= 1.0 and ratio >= 20})
+        dy, half = rows.get(f"dylora (eval r={rank // 2})"), rows.get(f"lora r={rank // 2}")
+        if dy and half:
+            gap = 100 * (half["accuracy"] - dy["accuracy"])
+            g.append({"goal": f"DyLoRA at r/2={rank // 2} within 1 point of a LoRA trained at r/2 (BBC)",
+                      "measured": f"{gap:+.1f} points below", "met": gap <= 1.0})
+    if "lm" in out:
+        rows = {r["method"]: r for r in out["lm"]["rows"]}
+        if "lora-ga" in rows:
+            def smooth(xs: list[float]) -> list[float]:
+                return [statistics.mean(xs[max(0, i - 2): i + 1]) for i in range(len(xs))]
+
+            target = smooth(rows["lora"]["losses"])[-1]
+            ga = smooth(rows["lora-ga"]["losses"])
+            hit = next((i + 1 for i, v in enumerate(ga) if v <= target), None)
+            n = len(ga)
+            g.append({"goal": "LoRA-GA reaches LoRA's final loss in <= half the steps (PTB, 3-step mean)",
+                      "measured": f"step {hit} of {n}" if hit else f"not within {n} steps",
+                      "met": hit is not None and hit <= n / 2})
+    return g
+
+
+def picture(out: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = [(k, m) for k, m in (("classify", "accuracy"), ("lm", "perplexity")) if k in out]
+    if not parts:
+        return
+    fig, axes = plt.subplots(1, len(parts), figsize=(6.5 * len(parts), 4.8), squeeze=False)
+    for ax, (key, metric) in zip(axes[0], parts):
+        for r in out[key]["rows"]:
+            peft_backed = r["method"].split(" ")[0] in ("dora", "adalora", "eva", "olora", "corda")
+            ax.scatter(r["trainable_parameters"], r[metric], marker="s" if peft_backed else "o",
+                       color="tab:orange" if peft_backed else "tab:blue")
+            ax.annotate(r["method"], (r["trainable_parameters"], r[metric]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (log)")
+        if key == "classify":
+            ax.set_ylabel("BBC test accuracy")
+            ax.set_title(f"MiniLM-L6, BBC, 1 epoch of {out[key]['setup']['train_articles']} articles")
+        else:
+            ax.set_ylabel("PTB test perplexity (lower is better)")
+            ax.axhline(out[key]["dense_perplexity"], color="gray", ls=":", lw=1)
+            ax.set_title(f"SmolLM2-135M, PTB, {out[key]['setup']['steps']} steps")
+        ax.grid(alpha=0.3)
+    fig.text(0.01, 0.01, "circles: native rankwise adapters; squares: through PEFT", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse(argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", default="parity,classify,lm,init")
+    p.add_argument("--methods", default=",".join(ALL))
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--cls-lrs", default="1e-3,3e-3")
+    p.add_argument("--cls-train", type=int, default=64)
+    p.add_argument("--cls-val", type=int, default=48)
+    p.add_argument("--cls-eval", type=int, default=100)
+    p.add_argument("--cls-seq-len", type=int, default=128)
+    p.add_argument("--cls-batch", type=int, default=8)
+    p.add_argument("--lm-steps", type=int, default=4)
+    p.add_argument("--lm-targets", default="q_proj|v_proj", help="regex of SmolLM2 layers adapted in the LM part "
+                   "(default q_proj|v_proj, LoRA's original choice: keeps the 30-layer SVD inits affordable)")
+    p.add_argument("--lm-batch", type=int, default=1)
+    p.add_argument("--lm-seq-len", type=int, default=128)
+    p.add_argument("--lm-eval-tokens", type=int, default=512)
+    p.add_argument("--parity-steps", type=int, default=6)
+    p.add_argument("--init-rounds", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--name", default="tune_quality", help="result name under bench/results/")
+    p.add_argument("--inputs", default="tune_quality_cls,tune_quality_lm",
+                   help="--parts report: result names to merge")
+    p.add_argument("--picture", default=str(PICTURE))
+    a = p.parse_args(argv)
+    a.methods = a.methods.split(",")
+    a.cls_lrs = [float(x) for x in a.cls_lrs.split(",")]
     torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
     t0 = time.perf_counter()
-    out: dict[str, Any] = {"command": "python bench/tune_quality.py " + " ".join(argv or sys.argv[1:]),
-                           "full_protocol": a.full, "torch_threads": torch.get_num_threads(),
-                           "settings": {k: v for k, v in vars(a).items() if k != "out"},
-                           "device": "cpu"}
-    try:
-        import peft
+    import peft
 
-        out["peft_version"] = peft.__version__
-    except ImportError:
-        print("peft is not installed (pip install -e '.[bench]'); PEFT rows are skipped", file=sys.stderr)
-        a.cls_methods = [m for m in a.cls_methods if not m.startswith("peft")]
-        a.lm_methods = [m for m in a.lm_methods if not m.startswith("peft")]
-    if "classify" in a.parts:
-        out["classify"] = part_classify(a)
-        print("\n## BBC classification, MiniLM-L6\n" + row_table(out["classify"]["best"], "accuracy"))
-        ab = out["classify"]["step_time_ab"]
-        print(f"A/B step time rankwise lora / PEFT LoRA = {ab['ratio_rankwise_over_peft']:.3f} "
-              f"(medians {ab['median_s']['lora']:.3f} s vs {ab['median_s']['peft-lora']:.3f} s)")
-    if "lm" in a.parts:
-        out["lm"] = part_lm(a)
+    out: dict[str, Any] = {"peft_version": peft.__version__, "settings": {k: v for k, v in vars(a).items()}}
+    if a.parts == "report":  # merge parts measured by separate processes, then goals and picture
+        import json
+
+        from _common import RESULTS
+
+        for name in a.inputs.split(","):
+            data = json.loads((RESULTS / f"{name}.json").read_text())
+            runs = out.setdefault("runs", {})
+            runs[name] = data.get("run")
+            for k in ("parity", "classify", "lm", "init", "heal"):
+                if k in data:
+                    out[k] = data[k]
+        out["goals"] = goals(out, a.rank)
+        write_result(a.name, out)
+    for part in (p for p in a.parts.split(",") if p != "report"):
+        out[part] = {"parity": part_parity, "classify": part_classify, "lm": part_lm, "init": part_init,
+                     "heal": part_heal}[part](a)
+        out["goals"] = goals(out, a.rank)
+        out["wall_s"] = time.perf_counter() - t0
+        write_result(a.name, out)  # after every part: a crash keeps what was measured
+    if "goals" not in out:
+        out["goals"] = []
+    if "classify" in out:
+        print(f"\n## BBC classification, MiniLM-L6 (base lr {out['classify']['base_lr']:g} chosen on validation)\n"
+              + table(out["classify"]["rows"], "accuracy"))
+    if "lm" in out:
         print(f"\n## PTB LM, SmolLM2-135M (dense perplexity {out['lm']['dense_perplexity']:.2f})\n"
-              + row_table(out["lm"]["rows"], "perplexity"))
-    if "heal" in a.parts:
-        out["heal"] = part_heal(a)
-        print("\n## Healing compressed SmolLM2 (heal: train the factors)\n"
-              "| ρ | dense ppl | compressed ppl | healed ppl | gap recovered | trainable | s/step |\n"
-              "|---:|---:|---:|---:|---:|---:|---:|")
-        for r in out["heal"]["rows"]:
-            print(f"| {r['ratio']} | {r['dense']:.2f} | {r['compressed']:.2f} | {r['healed']:.2f} | "
-                  f"{r['recovered_fraction']:.1%} | {r['trainable_parameters']:,} | {r['s_per_step']:.2f} |")
-    if "init" in a.parts:
-        out["init"] = part_init(a)
-        print("\n## PiSSA init time (median of interleaved rounds)\n| model | PEFT exact | rankwise exact | "
-              "rankwise randomized | PEFT randomized | speed-up (PEFT exact / rankwise randomized) |\n"
-              "|---|---:|---:|---:|---:|---:|")
+              + table(out["lm"]["rows"], "perplexity"))
+    if "init" in out:
+        print("\n## PiSSA init time (median of interleaved rounds)\n| model | PEFT exact | PEFT randomized | "
+              "rankwise exact | rankwise randomized | PEFT rand / rankwise rand |\n|---|---:|---:|---:|---:|---:|")
         for name, r in out["init"].items():
             md = r["median_s"]
-            print(f"| {name} | {md['peft-pissa']:.2f} | {md['pissa']:.2f} | {md['pissa-rand']:.2f} | "
-                  f"{md['peft-pissa-rand']:.2f} | {r['speedup_rankwise_rand_vs_peft_exact']:.1f}× |")
-    out["wall_s"] = time.perf_counter() - t0
-    print(f"\ntotal {out['wall_s'] / 60:.1f} min", file=sys.stderr)
-    path = Path(a.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from rankwise.io.atomic import atomic_file
-
-    with atomic_file(path) as fh:
-        json.dump(out, fh, indent=2, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o))
+            print(f"| {name} | {md['peft-pissa']:.2f} | {md['peft-pissa-rand']:.2f} | {md['pissa']:.2f} | "
+                  f"{md['pissa@rand']:.2f} | {r['peft_rand_over_rankwise_rand']:.1f}x |")
+    print("\n## Goals\n| goal | measured | met |\n|---|---|---|")
+    for g in out["goals"]:
+        print(f"| {g['goal']} | {g['measured']} | {'yes' if g['met'] else 'no'} |")
+    picture(out, Path(a.picture))
+    print(f"\ntotal {(time.perf_counter() - t0) / 60:.1f} min; picture {a.picture}", file=sys.stderr)
     return 0
 
 

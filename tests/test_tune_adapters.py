@@ -88,8 +88,10 @@ def test_init_equals_base_and_only_adapter_trains(method):
     ref = logits(model)
     apply(model, AdapterConfig(method=method, rank=4), data=DATA)
     out = logits(model)
-    if method in ("lora", "lora-xs", "dylora", "welore-lrc", "heal"):  # B = 0 / R = 0 / factor copies: exact
+    if method in ("lora", "lora-xs", "dylora"):  # B = 0 / R = 0: exact
         assert torch.equal(out, ref)
+    elif method in LOWRANK_METHODS:  # same factors, but the copies are contiguous and from_linear's are not
+        assert torch.allclose(out, ref, atol=1e-6, rtol=0), (out - ref).abs().max()
     else:
         assert torch.allclose(out, ref, atol=TOL), (out - ref).abs().max()
     layers = adapter_layers(model)
