@@ -84,6 +84,14 @@ class LowRankLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.B(self.A(x))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        # checkpoints of the rankwise/2 format hold an empty placeholder under the dense name ``<name>.weight``
+        # (so plain transformers refuses them); it carries nothing for this layer
+        placeholder = state_dict.get(prefix + "weight")
+        if isinstance(placeholder, torch.Tensor) and placeholder.numel() == 0:
+            state_dict.pop(prefix + "weight")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
@@ -144,10 +152,15 @@ class LowRankLinear(nn.Module):
         dtype = dtype or A.dtype
         with torch.device("meta"):  # no init work: every value is overwritten below
             layer = cls(n, m, k, bias=bias is not None, orig_kind=orig_kind, dtype=dtype)
-        layer.A.weight = nn.Parameter(A.detach().to(dtype).clone(), requires_grad=True)
-        layer.B.weight = nn.Parameter(B.detach().to(device=A.device, dtype=dtype).clone(), requires_grad=True)
+        # row-major copies (an SVD factor such as Vᵀ is often a transposed view): the layer then computes exactly
+        # what it computes after a save/load round trip, where every tensor is read back contiguous
+        fmt = torch.contiguous_format
+        layer.A.weight = nn.Parameter(A.detach().to(dtype).clone(memory_format=fmt), requires_grad=True)
+        layer.B.weight = nn.Parameter(B.detach().to(device=A.device, dtype=dtype).clone(memory_format=fmt),
+                                      requires_grad=True)
         if bias is not None:
-            layer.B.bias = nn.Parameter(bias.detach().to(device=A.device, dtype=dtype).clone(), requires_grad=True)
+            layer.B.bias = nn.Parameter(bias.detach().to(device=A.device, dtype=dtype).clone(memory_format=fmt),
+                                        requires_grad=True)
         return layer
 
     @classmethod
