@@ -41,6 +41,7 @@ from rankwise.engine.device import DTYPE_CHOICES, dtype_name, resolve_device, re
 from rankwise.engine.metrics import break_even_rank
 from rankwise.engine.threads import torch_threads
 from rankwise.errors import RankwiseError, check_ratio
+from rankwise.io.checkpoint import mark_factorised
 from rankwise.surgery.lowrank import LowRankLinear
 from rankwise.surgery.modules import set_module
 from rankwise.surgery.targets import Target, find_targets
@@ -646,6 +647,7 @@ def compress(
     if not math.isclose(result.achieved_ratio, out.alloc.achieved_ratio, rel_tol=1e-9, abs_tol=1e-12):
         raise RuntimeError("the rank map and the allocation disagree on the achieved ratio")  # a bug, not user error
     model.rankwise_meta = build_meta(config, out, result, params_before, params_after, device, dtype)
+    mark_factorised(model)  # quantization_config: save_pretrained writes a folder from_pretrained rebuilds
     return result
 
 

@@ -130,6 +130,15 @@ def sync_new_parameters(params: list[nn.Parameter]) -> None:
         p.register_post_accumulate_grad_hook(average)
 
 
+def _mark(model: nn.Module) -> None:
+    """Once layers are factorised, the model carries rankwise's quantization_config, so save_pretrained /
+    Trainer checkpoints write folders that from_pretrained rebuilds (docs/checkpoint.md)."""
+    if any(isinstance(m, LowRankLinear) for m in model.modules()):
+        from rankwise.io.checkpoint import mark_factorised
+
+        mark_factorised(model)
+
+
 class _RankCallback(TrainerCallback):
     """Plain-loop / Hugging Face dual interface shared by TRP and Cuttlefish."""
 
@@ -154,16 +163,19 @@ class _RankCallback(TrainerCallback):
     def on_step_end(self, args: Any = None, state: Any = None, control: Any = None, **kwargs: Any) -> None:
         if isinstance(args, nn.Module):  # plain loop: on_step_end(model, step, optimizer=...)
             self.step_end(args, int(state), kwargs.get("optimizer", control))
+            _mark(args)
             return None
         model = kwargs.get("model")
         if model is not None:
             self.step_end(model, int(state.global_step), kwargs.get("optimizer"))
+            _mark(model)
         return None
 
     def on_train_end(self, args: Any = None, state: Any = None, control: Any = None, **kwargs: Any) -> None:
         model = args if isinstance(args, nn.Module) else kwargs.get("model")
         if model is not None:
             self.train_end(model)
+            _mark(model)
         return None
 
     # implemented by subclasses --------------------------------------------------------------
