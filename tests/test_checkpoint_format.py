@@ -227,3 +227,24 @@ def test_folder_without_tokenizer_and_out_of_vocab_tokenizer(tmp_path: Path) -> 
     tiny_tokenizer(VOCAB + 10).save_pretrained(str(ck))
     with pytest.raises(RankwiseError, match="beyond the model's vocabulary"):
         load_tokenizer(ck)
+
+
+def test_compressed_model_carries_quantization_config(tmp_path: Path) -> None:
+    from rankwise.compression.api import CompressConfig, compress
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, vocab_size=VOCAB, max_position_embeddings=32)
+    model = LlamaForCausalLM(cfg).eval()
+    windows = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    compress(model, CompressConfig(ratio=0.3, method="svd", alloc="uniform"), calib=windows)
+    assert model.config.quantization_config.quant_method == "rankwise"
+    n = sum(isinstance(m, LowRankLinear) for m in model.modules())
+    assert n > 0 and len(model.config.quantization_config.layers) == n
+    model.save_pretrained(str(tmp_path / "sp"))
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "sp"))
+    assert sum(isinstance(m, LowRankLinear) for m in back.modules()) == n
+    assert torch.equal(logits(back), logits(model))
+    dense = rankwise.to_dense(model)  # a plain model again: no rankwise config left
+    assert not hasattr(dense.config, "quantization_config")
+    assert hasattr(model.config, "quantization_config")
