@@ -131,3 +131,34 @@ def check_config_type(config: Any, cls: type[C], verb: str) -> C:
         raise RankwiseError(f"{verb} takes a {cls.__name__}, got {type(config).__name__}; "
                             f"build one with rankwise.{cls.__name__}(...).")
     return config
+
+
+def check_numbers(config: Any) -> None:
+    """One-line error for a number field of dataclass ``config`` that the CLI parser would have refused.
+
+    Python API callers bypass argparse, so each config calls this first in ``__post_init__``: a field
+    annotated ``float`` must hold a finite real number, one annotated ``int`` a whole number that fits
+    in 64 bits (``bool`` is refused for both; ``None`` only where the annotation allows it).
+    """
+    try:
+        hints = typing.get_type_hints(type(config))
+    except (NameError, TypeError):  # annotations that cannot be resolved here: nothing to check
+        return
+    for f in dataclasses.fields(config):
+        base, optional = _base_type(hints.get(f.name))
+        if base not in (int, float):
+            continue
+        v = getattr(config, f.name)
+        if v is None and optional:
+            continue
+        name = f"{f.name} ({flag_of(f)})" if f.metadata.get("cli", True) is not False else f.name
+        if base is float:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise RankwiseError(f"{name} must be a number, got {v!r}.")
+            if not math.isfinite(v):
+                raise RankwiseError(f"{name} must be a finite number, got {v!r}.")
+        else:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise RankwiseError(f"{name} must be a whole number, got {v!r}.")
+            if not -(2**63) <= v < 2**63:
+                raise RankwiseError(f"{name} must fit in 64 bits, got {v!r}.")

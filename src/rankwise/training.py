@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from rankwise.config import check_numbers
 from rankwise.errors import RankwiseError
 
 TASKS = ("lm", "classify")
@@ -74,6 +75,7 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
 
     def __post_init__(self) -> None:
+        check_numbers(self)  # the API bypasses the CLI's parsing: finite floats, whole 64-bit ints
         self.validate()
 
     def validate(self) -> TrainConfig:

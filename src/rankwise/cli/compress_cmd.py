@@ -39,20 +39,16 @@ def run(args: argparse.Namespace) -> int:
     from rankwise.compression.api import CompressConfig
     from rankwise.compression.streaming import compress_checkpoint, export_dense_checkpoint
     from rankwise.config import config_from_args
-    from rankwise.io.atomic import check_writable
+    from rankwise.io.atomic import atomic_outputs
     from rankwise.io.models import is_rankwise_checkpoint, resolve_model
     from rankwise.progress import quiet
 
     config = config_from_args(CompressConfig, args, progress=not quiet())
-    out = check_writable(args.out, is_dir=True)
-    if out.exists() and not args.overwrite:
-        raise RankwiseError(f"output folder {out} already exists; pass --overwrite or another --out.")
-    if args.export_dense:
-        dense_out = check_writable(args.export_dense, is_dir=True)
-        if dense_out.exists() and not args.overwrite:
-            raise RankwiseError(f"output folder {dense_out} already exists; pass --overwrite or another folder.")
-        if dense_out.resolve() == out.resolve():
-            raise RankwiseError("--export-dense must differ from --out.")
+    out = Path(args.out).expanduser()
+    if args.export_dense and Path(args.export_dense).expanduser().resolve() == out.resolve():
+        raise RankwiseError("--export-dense must differ from --out.")
+    # every output checked now, written under temporary names and put in place together at the end
+    outputs = atomic_outputs(dirs=[args.out, args.export_dense], files=[args.json], overwrite=args.overwrite)
     src = resolve_model(args.model)
     if is_rankwise_checkpoint(src):
         raise RankwiseError(f"{src} is already a rankwise checkpoint; compress the dense model it came from.")
@@ -67,19 +63,21 @@ def run(args: argparse.Namespace) -> int:
             f"calibration on {config.calib} ({config.calib_samples}×{config.seq_len} tokens, seed {config.seed}), "
             f"streamed block by block (device {config.device}, dtype {config.dtype})"
         )
-    result = compress_checkpoint(src, out, config, overwrite=args.overwrite)
-    if not dist.is_writer:
-        return 0
-    t1 = time.perf_counter()
-    if args.export_dense:
-        with console.status(f"writing dense copy {args.export_dense} …"):
-            export_dense_checkpoint(out, args.export_dense, overwrite=args.overwrite,
-                                    max_shard_size=config.max_shard_size)
-    _table(result, time.perf_counter() - t1, Path(out), args.export_dense)
-    if args.json:
-        data = result.to_dict()
-        data["out"] = str(out)
-        write_json(data, args.json)
+    with outputs:
+        result = compress_checkpoint(src, out, config, overwrite=args.overwrite)
+        if not dist.is_writer:
+            return 0
+        t1 = time.perf_counter()
+        if args.export_dense:
+            with console.status(f"writing dense copy {args.export_dense} …"):
+                export_dense_checkpoint(outputs.staged(out), args.export_dense, overwrite=args.overwrite,
+                                        max_shard_size=config.max_shard_size)
+        export_s = time.perf_counter() - t1
+        if args.json and args.json != "-":
+            write_json({**result.to_dict(), "out": str(out)}, args.json)
+    _table(result, export_s, Path(out), args.export_dense)
+    if args.json == "-":
+        write_json({**result.to_dict(), "out": str(out)}, args.json)
     return 0
 
 

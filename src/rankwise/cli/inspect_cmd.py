@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from rankwise.cli.common import positive_int
 from rankwise.config import add_config_arguments, config_from_args
 from rankwise.inspection.config import InspectConfig
 
@@ -22,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, InspectConfig)
     parser.add_argument("--json", default=None, metavar="PATH|-", help="write the report as JSON ('-' = stdout)")
     parser.add_argument("--html", default=None, metavar="PATH", help="write a self-contained HTML report")
-    parser.add_argument("--max-rows", type=int, default=None, help="show at most this many table rows")
+    parser.add_argument("--max-rows", type=positive_int("--max-rows"), default=None,
+                        help="show at most this many table rows")
 
 
 def run(args: argparse.Namespace) -> int:

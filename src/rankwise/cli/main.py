@@ -34,8 +34,15 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the message and a pointer to --help), not a usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help.\n")
+
+
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rankwise", description="See, use and train the low-rank structure of neural-network weights."
     )
     parser.add_argument("--version", action="version", version=f"rankwise {__version__}")

@@ -37,6 +37,7 @@ from rankwise.compression.calibration.sensitivity import OutputGradMeter, frozen
 from rankwise.compression.calibration.stats import LayerStats, StatsCollector
 from rankwise.compression.methods import METHODS, MethodOptions, get_method
 from rankwise.compression.runner import SPILL_BYTES, BlockRunner, Blocks, find_blocks
+from rankwise.config import check_numbers
 from rankwise.engine.device import DTYPE_CHOICES, dtype_name, resolve_device, resolve_dtype, stats_device
 from rankwise.engine.metrics import break_even_rank
 from rankwise.engine.threads import torch_threads
@@ -91,6 +92,7 @@ class CompressConfig:
     progress: bool = _f(True, "progress bars", cli=False)
 
     def __post_init__(self) -> None:
+        check_numbers(self)  # the API bypasses the CLI's parsing: finite floats, whole 64-bit ints
         self.ratio = check_ratio(self.ratio)
         METHODS.check(self.method)
         ALLOCATORS.check(self.alloc)
@@ -179,6 +181,21 @@ def _default_tokenizer(model: nn.Module, why: str = "text calibration"):
         ) from exc
 
 
+def _check_windows(model: nn.Module, ids: torch.Tensor) -> None:
+    """Token windows must be a non-empty 2-D integer tensor of ids inside the model's vocabulary."""
+    if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+        raise RankwiseError(f"calib token windows must be a non-empty (windows, seq_len) tensor, got shape "
+                            f"{tuple(ids.shape)}.")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise RankwiseError(f"calib token windows must hold integer ids, got {ids.dtype}.")
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        raise RankwiseError(f"calib token ids must lie in [0, {vocab}) (the model's vocabulary), got {lo}..{hi}; "
+                            "tokenize with the model's own tokenizer.")
+
+
 def resolve_calib(
     model: nn.Module, config: CompressConfig, calib: Any, tokenizer=None, with_loss: bool = False
 ) -> tuple[Callable[[nn.Module], Any], CalibInfo]:
@@ -193,6 +210,7 @@ def resolve_calib(
     if isinstance(calib, torch.Tensor):
         from rankwise.io.texts import text_fingerprint
 
+        _check_windows(model, calib)
         loop = windows_forward_loop(calib, batch_size=config.batch_size, with_loss=with_loss)
         loop.windows = calib  # type: ignore[attr-defined]
         sha = text_fingerprint(",".join(map(str, calib.flatten().tolist())))
@@ -586,6 +604,11 @@ def compress(
         if _model_dtype(model) != dtype:
             model.to(dtype)
         targets = find_targets(model, config.targets, config.exclude)
+        for t in targets:  # NaN/Inf would only surface later as an SVD failure far from its cause
+            w = t.weight()
+            if w.device.type != "meta" and not bool(torch.isfinite(w).all()):
+                raise RankwiseError(f"weight {t.name} holds {int((~torch.isfinite(w)).sum())} NaN/Inf value(s); "
+                                    "the model is broken, re-save or re-download it.")
         shapes = [t.shape for t in targets]
         check_reachable(shapes, config.ratio)
         params_before = _count(model)

@@ -25,6 +25,7 @@ EoRA all run through :class:`BlockRunner`:
 from __future__ import annotations
 
 import contextlib
+import pickle
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -122,12 +123,22 @@ class HiddenStore:
             self._ram += size
             return
         path = self._spill_dir() / f"h{id(self)}_{len(self._items)}.pt"
-        torch.save(t.to("cpu"), path)
+        try:
+            torch.save(t.to("cpu"), path)
+        except (OSError, RuntimeError) as exc:  # disk full / file-size limit: one line, not a traceback
+            raise RankwiseError(f"cannot spill hidden states to {path.parent} ({str(exc).splitlines()[0][:100]}); "
+                                "free disk space there or raise the RAM budget.") from exc
         self._items.append(path)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         item = self._items[i]
-        return torch.load(item, weights_only=True) if isinstance(item, Path) else item
+        if not isinstance(item, Path):
+            return item
+        try:
+            return torch.load(item, weights_only=True)
+        except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as exc:  # a write that failed silently
+            raise RankwiseError(f"cannot read back spilled hidden states {item} ({type(exc).__name__}); the disk "
+                                "holding them is full or failing.") from exc
 
     def __len__(self) -> int:
         return len(self._items)

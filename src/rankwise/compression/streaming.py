@@ -101,7 +101,7 @@ class _Materialiser:
             if key is None:
                 raise RankwiseError(f"the checkpoint {self.reader.folder} has no tensor for {pre + name}; "
                                     "it does not match its config.json.")
-            value = self.reader.get(key)
+            value = _finite(self.reader.get(key), key, self.reader.folder)
             if tuple(value.shape) != tuple(p.shape):
                 raise RankwiseError(f"tensor {key} in {self.reader.folder} has shape {list(value.shape)} but the "
                                     f"config implies {list(p.shape)}; the checkpoint does not match its config.json.")
@@ -154,6 +154,14 @@ def _write_metadata(folder: Path, hf_config, layers: dict, meta: dict, tokenizer
     write_checkpoint_metadata(folder, hf_config, layers, meta, tokenizer=tokenizer,
                               generation_config=generation_config, checksums=checksums)
 
+
+
+def _finite(value: torch.Tensor, key: str, folder) -> torch.Tensor:
+    """``value``, or a one-line error naming the tensor when it holds NaN/Inf (before it poisons an SVD)."""
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise RankwiseError(f"{folder}: weight {key} holds {int((~torch.isfinite(value)).sum())} NaN/Inf value(s) "
+                            f"(of {value.numel()}); the model is broken, re-save or re-download it.")
+    return value
 
 def compress_checkpoint(
     src: str | os.PathLike,
@@ -223,7 +231,7 @@ def compress_checkpoint(
                     continue  # a tied weight: filled by tie_weights below
                 from accelerate.utils import set_module_tensor_to_device
 
-                value = reader.get(key)
+                value = _finite(reader.get(key), key, reader.folder)
                 set_module_tensor_to_device(mod, k, device, value=value,
                                             dtype=dtype if value.is_floating_point() else value.dtype)
                 mod._parameters[k].requires_grad_(False)

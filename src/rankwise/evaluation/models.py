@@ -42,6 +42,8 @@ def checkpoint_dtype(folder: Path) -> torch.dtype | None:
         cfg = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(cfg, dict):  # a broken config.json: the loader reports it
+        return None
     value = cfg.get("dtype") or cfg.get("torch_dtype")
     return DTYPES.get(str(value).removeprefix("torch.")) if isinstance(value, str) else None
 

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from rankwise.config import check_numbers
 from rankwise.engine.device import DTYPE_CHOICES, check_device, check_dtype  # torch-free checks
 from rankwise.errors import RankwiseError, check_ratio
 
@@ -82,6 +83,7 @@ class InspectConfig:
     max_batch_bytes: int = field(default=64 * 2**20, metadata={"cli": False})
 
     def __post_init__(self) -> None:
+        check_numbers(self)  # the API bypasses the CLI's parsing: finite floats, whole 64-bit ints
         self.validate()
 
     def validate(self) -> None:

@@ -388,6 +388,11 @@ class AtomicOutputs:
     def owns(self, path: Path) -> bool:
         return self._token is not None and _key(path) in self.kinds
 
+    def staged(self, path: str | os.PathLike) -> Path:
+        """Where ``path``'s new version is while the group is open (to read an output back), else ``path``."""
+        entry = self.entries.get(_key(Path(path)))
+        return entry.staged if entry is not None else Path(path)
+
     # staging ---------------------------------------------------------------------------------------
     def _stage(self, dest: Path) -> _Entry:
         key = _key(dest)

@@ -137,10 +137,15 @@ def load_text(spec: str, split: str = "test") -> str:
         return "\n\n".join(texts)
     p = Path(name).expanduser()
     if p.is_file():
+        raw = p.read_bytes()
+        head = raw[:65536]
+        controls = sum(1 for b in head if b < 32 and b not in (9, 10, 12, 13))
+        if b"\x00" in head or controls > len(head) // 20:  # NUL or >5 % control bytes: not a text file
+            raise RankwiseError(f"{p} looks like a binary file, not text; give a plain-text (UTF-8) .txt file.")
         try:
-            text = p.read_text(encoding="utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            text = p.read_text(encoding="latin-1")
+            text = raw.decode("latin-1")
         if not text.strip():
             raise RankwiseError(f"text file {p} is empty; give a file with some text in it.")
         return text

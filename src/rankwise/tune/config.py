@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from rankwise.config import check_numbers
 from rankwise.errors import RankwiseError
 
 DEFAULT_RANK = 8
@@ -84,6 +85,7 @@ class AdapterConfig:
     extra: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
 
     def __post_init__(self) -> None:
+        check_numbers(self)  # the API bypasses the CLI's parsing: finite floats, whole 64-bit ints
         self.validate()
 
     @property
