@@ -427,7 +427,7 @@ def load(
                 if not p.is_meta:
                     p.data = p.data.clone()
         model.rankwise_meta = meta
-        model.config._name_or_path = str(folder)
+        model.config._name_or_path = str(folder.resolve())  # absolute: adapters name their base
         return model
     check_format(meta.get("format"), str(folder / META_FILE))
     reader = CheckpointReader(folder)
@@ -471,7 +471,7 @@ def load(
         raise RankwiseError(f"cannot load the rankwise checkpoint {folder}: {msg}") from exc
     model.eval()
     model.rankwise_meta = meta
-    model.config._name_or_path = str(folder)
+    model.config._name_or_path = str(folder.resolve())  # absolute: adapters name their base
     return model
 
 

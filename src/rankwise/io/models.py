@@ -240,6 +240,10 @@ def load_model(
         from safetensors import SafetensorError
     except ImportError:  # pragma: no cover - safetensors is a hard dependency
         SafetensorError = OSError  # noqa: N806
+    if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
+        from rankwise.io.shards import CheckpointReader
+
+        CheckpointReader(path)  # index, shards, headers and config sizes checked before anything is allocated
     try:
         model = auto.from_pretrained(str(path), dtype=dtype, **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
@@ -250,6 +254,8 @@ def load_model(
             ) from exc
         raise RankwiseError(f"cannot load a {task} model from {path}: {msg}") from exc
     model.eval()
+    if Path(path).is_dir():  # absolute, so adapters saved from this model name a base that loads from anywhere
+        model.config._name_or_path = str(Path(path).resolve())
     return check_finite(model, path)
 
 

@@ -640,6 +640,16 @@ def _peft_task_type(model: nn.Module) -> str | None:
     return None
 
 
+def _base_ref(model: nn.Module, given: str | None = None) -> str:
+    """The base model as ``AutoPeftModel*`` should find it from any directory: a local folder made absolute,
+    a hub id (or anything that is not a local folder) unchanged."""
+    name = given or str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    if not name:
+        inner = getattr(getattr(model, "base_model", None), "model", None)  # a PeftModel: its wrapped model
+        name = str(getattr(getattr(inner, "config", None), "_name_or_path", "") or "")
+    return str(Path(name).expanduser().resolve()) if name and Path(name).expanduser().is_dir() else name
+
+
 def export_peft(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) equivalent to the adapter.
 
@@ -657,6 +667,11 @@ def export_peft(model: nn.Module, path: str | os.PathLike, overwrite: bool = Fal
 
         with atomic_dir(path, overwrite=overwrite) as tmp:
             peft_backend.save(model, tmp, None)
+            cfg_file = tmp / "adapter_config.json"
+            if cfg_file.is_file():  # PEFT writes the base's name as given; make a local folder absolute
+                pcfg = json.loads(cfg_file.read_text())
+                pcfg["base_model_name_or_path"] = _base_ref(model, pcfg.get("base_model_name_or_path"))
+                cfg_file.write_text(json.dumps(pcfg, indent=2))
         return Path(path)
     layers = _require_adapter(model)
     cfg: AdapterConfig = model.rankwise_adapter["config"]
@@ -688,7 +703,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, overwrite: bool = Fal
     peft_config = {
         "peft_type": "LORA",
         "task_type": _peft_task_type(model),
-        "base_model_name_or_path": str(getattr(getattr(model, "config", None), "_name_or_path", "") or ""),
+        "base_model_name_or_path": _base_ref(model),
         "r": int(rank),
         "lora_alpha": float(alpha),
         "lora_dropout": float(cfg.dropout),
