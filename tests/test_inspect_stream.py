@@ -197,3 +197,11 @@ def test_streaming_errors(tmp_path: Path) -> None:
     rep = inspect(binary, InspectConfig(progress=False))  # auto: loaded whole, and the report says so
     assert rep.settings["streamed"] is False and "loaded whole" in rep.settings["notes"][0]
     assert_same_report(rep, inspect(small, InspectConfig(progress=False)))
+
+
+@pytest.mark.real
+def test_real_smollm2_streamed_equals_loaded() -> None:
+    cfg = dict(progress=False, targets=r"layers\.(0|29)\.")
+    streamed = inspect("smollm2-135m", InspectConfig(**cfg))
+    assert streamed.settings["streamed"] is True and len(streamed) == 14
+    assert_same_report(streamed, inspect("smollm2-135m", InspectConfig(**cfg, stream=False)))

@@ -174,6 +174,9 @@ def _inspect(
                     del w1
                 del w
             del weights, batch_svs
+            src.release()
+            if tuned is not None:
+                tuned.release()
             bar.update(len(batch))
             if on_progress is not None:
                 on_progress(len(batch))

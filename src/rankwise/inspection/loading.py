@@ -9,7 +9,8 @@ device with accelerate's ``init_empty_weights`` (no memory, no initialisation),
 which tells which modules are ``nn.Linear`` / GPT-2 ``Conv1D`` and which are tied
 to the embeddings, exactly as :func:`rankwise.surgery.find_targets` decides for a
 loaded model. Each weight is then read on its own from the safetensors
-(``model.safetensors`` or shards with an index): a Conv1D weight is transposed,
+(``model.safetensors`` or shards with an index, through ``rankwise.io.shards.CheckpointReader``):
+a Conv1D weight is transposed,
 a factorised layer of a rankwise checkpoint (``name.A`` / ``name.B``) is
 multiplied out to B A as :meth:`LowRankLinear.dense_weight` does. Sizes are
 checked against the skeleton before anything is read.
@@ -22,12 +23,11 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from rankwise.errors import DAMAGED_FILE_ERRORS, RankwiseError
+from rankwise.errors import RankwiseError
 from rankwise.surgery.targets import Target, find_targets
 
 
@@ -55,6 +55,9 @@ class ModuleSource:
     def load(self, i: int) -> torch.Tensor:
         w = self.targets[i].weight()
         return w if self.dtype is None or w.dtype == self.dtype else w.to(self.dtype)
+
+    def release(self) -> None:
+        return None
 
     def check_finite(self) -> None:
         """Fail before any work if a targeted weight holds NaN/Inf (the model is already in memory)."""
@@ -99,16 +102,13 @@ class StreamSource:
     def check_finite(self) -> None:  # streamed weights are checked as they are read (see inspect)
         return None
 
+    def release(self) -> None:
+        """Close the open shard files between batches (nothing of a finished batch stays mapped)."""
+        self.reader.close()
+
     def _read(self, key: str) -> torch.Tensor:
         self.n_tensors += 1
-        try:
-            return self.reader.get(key)
-        except RankwiseError:
-            raise
-        except DAMAGED_FILE_ERRORS as exc:  # safetensors raises its own error types for damaged data
-            raise RankwiseError(f"cannot read the weights in {self.folder} (tensor {key}: "
-                                f"{str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); "
-                                "the checkpoint is corrupt, re-save it.") from exc
+        return self.reader.get(key)  # damaged data: CheckpointReader raises a one-line RankwiseError
 
 
 def _locate(t: Target, keys: set[str], prefix: str, reader, folder: Path) -> tuple[str, tuple[str, ...], bool]:
@@ -179,61 +179,11 @@ def build_skeleton(folder: Path) -> nn.Module:
 
 
 def open_reader(folder: Path):
-    """A per-tensor reader of the folder's safetensors (``keys``, ``shape``, ``get``), headers validated."""
-    try:
-        from rankwise.io.shards import CheckpointReader  # the project's reader, when present
-    except ImportError:
-        return SafetensorsFolder(folder)
+    """The project's per-tensor reader (``rankwise.io.shards.CheckpointReader``): index, shards, headers and
+    config sizes validated before any tensor is read."""
+    from rankwise.io.shards import CheckpointReader
+
     return CheckpointReader(folder)
-
-
-class SafetensorsFolder:
-    """Minimal per-tensor access to ``model.safetensors`` or an index with shards (``safetensors.safe_open``).
-
-    Stand-in for :class:`rankwise.io.shards.CheckpointReader` with the same three methods used here.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        from safetensors import safe_open
-
-        self.folder = folder
-        index = folder / "model.safetensors.index.json"
-        root = folder.resolve()
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise RankwiseError(f"{index} is unreadable ({exc}); re-save the checkpoint.") from exc
-            files = sorted(set(weight_map.values()))
-        else:
-            files = [p.name for p in sorted(folder.glob("*.safetensors"))]
-        self._files: dict[str, Any] = {}
-        self._where: dict[str, str] = {}
-        for f in files:
-            path = (folder / f).resolve()
-            if root not in path.parents:
-                raise RankwiseError(f"{index.name} names {f!r}, outside {folder}; refusing to read it.")
-            if not path.is_file():
-                raise RankwiseError(f"shard {f} listed in {index.name} is missing from {folder}; re-download it.")
-            try:
-                h = safe_open(str(path), framework="pt")
-            except DAMAGED_FILE_ERRORS as exc:  # safetensors raises its own error types for bad headers
-                raise RankwiseError(f"cannot read the weights in {folder} ({f}: "
-                                    f"{str(exc).splitlines()[0][:100]}); the checkpoint is corrupt, "
-                                    "re-save it.") from exc
-            self._files[f] = h
-            for k in h.keys():
-                self._where[k] = f
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def shape(self, key: str) -> list[int]:
-        return list(self._files[self._where[key]].get_slice(key).get_shape())
-
-    def get(self, key: str, device=None, dtype=None) -> torch.Tensor:
-        t = self._files[self._where[key]].get_tensor(key)
-        return t if dtype is None and device is None else t.to(device=device, dtype=dtype)
 
 
 def check_finite(w: torch.Tensor, name: str, label: str = "") -> None:
