@@ -15,11 +15,9 @@ neither torch nor transformers (tests/test_imports.py checks it in a subprocess)
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 __version__ = "0.1.0"
 
+from rankwise._lazy import attach
 from rankwise.errors import RankwiseError
 from rankwise.io.hf_integration import install as _install_transformers_integration
 
@@ -54,15 +52,4 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 
 __all__ = ["RankwiseError", "__version__", *_LAZY]
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        module, attr = _LAZY[name]
-        mod = importlib.import_module(module)
-        value = mod if attr is None else getattr(mod, attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'rankwise' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = attach(__name__, _LAZY)

@@ -9,8 +9,7 @@ does not import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from rankwise._lazy import attach
 
 _LAZY: dict[str, str] = {
     "break_even_rank": "rankwise.engine.metrics",
@@ -32,10 +31,4 @@ _LAZY: dict[str, str] = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'rankwise.engine' has no attribute {name!r}")
+__getattr__, __dir__ = attach(__name__, _LAZY)

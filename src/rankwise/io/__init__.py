@@ -6,8 +6,7 @@ Names are imported on first access (PEP 562) so that importing a light submodule
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from rankwise._lazy import attach
 
 _LAZY: dict[str, str] = {
     "atomic_dir": "rankwise.io.atomic",
@@ -26,10 +25,4 @@ _LAZY: dict[str, str] = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'rankwise.io' has no attribute {name!r}")
+__getattr__, __dir__ = attach(__name__, _LAZY)
