@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from rankwise.cli.common import console, write_json
+from rankwise.cli.common import add_json_argument, add_model_argument, add_output_arguments, console, write_json
 from rankwise.errors import RankwiseError
 
 
@@ -22,14 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from rankwise.compression.api import CompressConfig
     from rankwise.config import add_config_arguments
 
-    parser.add_argument("model", nargs="?", default=None,
-                        help="built-in name or HF checkpoint folder, sharded or not (default: smollm2-135m)")
+    add_model_argument(parser, "built-in name or HF checkpoint folder, sharded or not (default: smollm2-135m)")
     add_config_arguments(parser, CompressConfig)
-    parser.add_argument("--out", required=True, help="output folder (a rankwise checkpoint, sharded safetensors)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    parser.add_argument("--export-dense", default=None, metavar="DIR",
-                        help="also write a plain HF folder (B A multiplied out) that from_pretrained loads")
-    parser.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON ('-' = stdout)")
+    add_output_arguments(parser, "a rankwise checkpoint, sharded safetensors", dense="B A multiplied out")
+    add_json_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
