@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: the pipeline's)")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the pipeline's)")
     ap.add_argument("--work", default=None, help="folder for the outputs (default: a temporary one)")
+    ap.add_argument("--reuse", action="store_true", help="keep the runs already recorded in --work/runs.json")
     args = ap.parse_args()
     info = run_info()
     if args.quick:
@@ -90,6 +91,7 @@ def main() -> None:
     ckpt = build_checkpoint(**shape, folder=CACHE / name)
     work = Path(args.work) if args.work else Path(
         __import__("tempfile").mkdtemp(prefix="rankwise-dist-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     extra = ["--dtype", "bfloat16", "--overwrite"]
     if args.quick:
         extra += ["--calib-samples", "8", "--seq-len", "64"]
@@ -99,16 +101,20 @@ def main() -> None:
         extra += ["--seq-len", str(args.seq_len)]
     cores = os.cpu_count() or 1
     base = [sys.executable, "-m", "rankwise", "compress", str(ckpt), *extra]
-    runs = {}
-    t1, _ = _compress([*base, "--out", str(work / "one"), "--json", str(work / "one.json")], threads=cores)
-    runs["one"] = {"seconds": t1, "processes": 1, "threads_per_process": cores,
-                   "load_avg_after": list(os.getloadavg())}
     dist_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "-m", "rankwise", "compress", str(ckpt), *extra]
     per = max(cores // 2, 1)
-    t2, _ = _compress([*dist_cmd, "--out", str(work / "two"), "--json", str(work / "two.json")], threads=per)
-    runs["two"] = {"seconds": t2, "processes": 2, "threads_per_process": per,
-                   "load_avg_after": list(os.getloadavg())}
+    saved = work / "runs.json"  # --reuse: a previous run's outputs and timings (to redo only the comparison)
+    runs = json.loads(saved.read_text()) if args.reuse and saved.is_file() else {}
+    for key, cmd, threads, procs in (("one", base, cores, 1), ("two", dist_cmd, per, 2)):
+        if key in runs:
+            continue
+        load_before = list(os.getloadavg())
+        seconds, _ = _compress([*cmd, "--out", str(work / key), "--json", str(work / f"{key}.json")], threads=threads)
+        runs[key] = {"seconds": seconds, "processes": procs, "threads_per_process": threads,
+                     "load_avg_before": load_before, "load_avg_after": list(os.getloadavg())}
+        saved.write_text(json.dumps(runs))
+    t1, t2 = runs["one"]["seconds"], runs["two"]["seconds"]
     meta1 = json.loads((work / "one" / "rankwise.json").read_text())
     meta2 = json.loads((work / "two" / "rankwise.json").read_text())
     r1, r2 = meta1["rank_per_matrix"], meta2["rank_per_matrix"]
@@ -142,8 +148,8 @@ def main() -> None:
     table = Table(title=f"torchrun 2 processes vs 1 ({name}, {cores} cores, load {os.getloadavg()[0]:.1f})")
     for col in ("processes", "wall s", "threads/proc", "same rank map", "logits rel. err (bf16)"):
         table.add_column(col, justify="right")
-    table.add_row("1", f"{t1:.1f}", str(cores), "", "")
-    table.add_row("2", f"{t2:.1f}", str(per), str(not differ), f"{rel:.2e}")
+    table.add_row("1", f"{t1:.1f}", str(runs["one"]["threads_per_process"]), "", "")
+    table.add_row("2", f"{t2:.1f}", str(runs["two"]["threads_per_process"]), str(not differ), f"{rel:.2e}")
     Console().print(table)
     print(f"time ratio 2/1 = {t2 / t1:.2f}; wrote {path}")
 
