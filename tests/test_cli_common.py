@@ -26,3 +26,23 @@ def test_torch_threads_sets_and_restores() -> None:
     assert torch.get_num_threads() == before
     with torch_threads(None):  # None / 0 leave torch's setting alone
         assert torch.get_num_threads() == before
+
+
+def test_quiet_silences_a_real_verb(tmp_path, capsys, monkeypatch, one_torch_thread):
+    """`rankwise inspect --quiet` writes nothing on stderr; without it the table does."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, vocab_size=64)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    capsys.readouterr()
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    out = tmp_path / "r.json"
+    assert main(["inspect", str(tmp_path / "m"), "--quiet", "--json", str(out)]) == 0
+    assert capsys.readouterr().err == ""
+    assert len(json.loads(out.read_text())["matrices"]) == 14
+    assert main(["inspect", str(tmp_path / "m"), "--json", str(out)]) == 0
+    assert "q_proj" in capsys.readouterr().err  # the table (and messages) when not quiet
