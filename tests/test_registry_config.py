@@ -11,7 +11,15 @@ from dataclasses import dataclass, field
 import pytest
 
 from rankwise.cli import main as cli_main
-from rankwise.config import add_config_arguments, check_config_type, config_from_args, finite_float, whole_int
+from rankwise.config import (
+    add_config_arguments,
+    check_config_type,
+    check_int,
+    config_from_args,
+    finite_float,
+    positive_int,
+    whole_int,
+)
 from rankwise.errors import RankwiseError
 from rankwise.registry import Registry
 
@@ -144,6 +152,18 @@ def test_whole_int_rejects(value, message):
 
 def test_whole_int_accepts_the_64_bit_range():
     assert whole_int("--n")(str(2**63 - 1)) == 2**63 - 1 and whole_int("--n")("-7") == -7
+
+
+def test_check_int_serves_argparse_and_post_init_alike():
+    assert check_int(5, "--n") == 5 and check_int(" 7 ", "--n") == 7 and check_int("-3", "--n") == -3
+    assert positive_int("--n")("1") == 1 and positive_int("--n")(2**63 - 1) == 2**63 - 1
+    for bad, message in ((True, "--n must be a whole number, got True."), (2.0, "--n must be a whole number, got 2.0."),
+                         (None, "--n must be a whole number, got None."),
+                         (2**63, f"--n must fit in 64 bits, got {2**63}."),
+                         (0, "--n must be at least 1, got 0."), ("-2", "--n must be at least 1, got -2.")):
+        with pytest.raises(RankwiseError) as info:
+            positive_int("--n")(bad)
+        assert str(info.value) == message
 
 
 def test_check_config_type():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import typing
 from collections.abc import Callable
@@ -46,19 +47,38 @@ def finite_float(flag: str) -> Callable[[str], float]:
     return parse
 
 
-def whole_int(flag: str) -> Callable[[str], int]:
-    """argparse type: a whole number that fits in 64 bits (``1.5``/``2**70`` are one-line errors)."""
+def check_int(value: Any, flag: str, minimum: int | None = None) -> int:
+    """``value`` (an int, or a string of one) as a 64-bit whole number ≥ ``minimum``, else a one-line error.
 
-    def parse(value: str) -> int:
+    The one integer check of the package: argparse types (:func:`whole_int`, :func:`positive_int`)
+    and config ``__post_init__`` checks both use it, so ``--seed 1.5``, ``2**70``, ``True`` and
+    ``0`` where 1 is the least are refused with the same words everywhere.
+    """
+    v: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        v = value
+    elif isinstance(value, str):
         try:
-            v = int(value)
+            v = int(value.strip())
         except ValueError:
-            raise RankwiseError(f"{flag} must be a whole number, got {value!r}.") from None
-        if not -(2**63) <= v < 2**63:
-            raise RankwiseError(f"{flag} must fit in 64 bits, got {value!r}.")
-        return v
+            v = None
+    if v is None:
+        raise RankwiseError(f"{flag} must be a whole number, got {value!r}.")
+    if not -(2**63) <= v < 2**63:
+        raise RankwiseError(f"{flag} must fit in 64 bits, got {value!r}.")
+    if minimum is not None and v < minimum:
+        raise RankwiseError(f"{flag} must be at least {minimum}, got {v}.")
+    return v
 
-    return parse
+
+def whole_int(flag: str) -> Callable[[Any], int]:
+    """argparse type: a whole number that fits in 64 bits (``1.5``/``2**70`` are one-line errors)."""
+    return functools.partial(check_int, flag=flag)
+
+
+def positive_int(flag: str) -> Callable[[Any], int]:
+    """argparse type (and validator): a 64-bit whole number ≥ 1 (``0``, ``-3``, ``1.5`` are one-line errors)."""
+    return functools.partial(check_int, flag=flag, minimum=1)
 
 
 def _base_type(hint: Any) -> tuple[type | None, bool]:

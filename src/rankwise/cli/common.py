@@ -9,6 +9,7 @@ from typing import Any
 
 from rich.console import Console
 
+from rankwise.config import positive_int  # noqa: F401 - re-exported for the verbs
 from rankwise.errors import RankwiseError, check_ratio
 from rankwise.io.atomic import atomic_file
 
@@ -19,21 +20,6 @@ console = Console(stderr=True)
 def ratio_arg(value: str) -> float:
     """argparse type for --ratio: a float strictly inside (0, 1); a clear error otherwise."""
     return check_ratio(value)
-
-
-def positive_int(name: str):
-    """argparse type for an option that must be a whole number ≥ 1 (one-line RankwiseError otherwise)."""
-
-    def parse(value: str) -> int:
-        try:
-            v = int(value)
-        except ValueError as exc:
-            raise RankwiseError(f"{name} must be a whole number, got {value!r}.") from exc
-        if v < 1:
-            raise RankwiseError(f"{name} must be at least 1, got {v}.")
-        return v
-
-    return parse
 
 
 def add_model_argument(parser: argparse.ArgumentParser, help: str, metavar: str | None = None) -> None:
