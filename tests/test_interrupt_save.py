@@ -203,3 +203,33 @@ def test_failed_swap_says_where_each_version_is(tmp_path, monkeypatch):
     recover(tmp_path)  # the next run finishes the job
     assert (tmp_path / "a" / "v").read_text() == "new"
     assert os.listdir(tmp_path) == ["a"]
+
+
+@pytest.mark.parametrize("step", ["swapped:1"])  # a subprocess of the real CLI costs seconds: the mid-commit kill
+def test_cli_compress_killed_during_save_keeps_all_old_or_all_new(step, tmp_path):
+    """The real CLI with three outputs, SIGKILLed during its commit; the next run's recovery settles all three."""
+    import fuzz_fixtures as fx
+
+    fixtures = fx.build_base(tmp_path / "fx")
+    out, dense, js = tmp_path / "w" / "c", tmp_path / "w" / "d", tmp_path / "w" / "r.json"
+    for d in (out, dense):
+        d.mkdir(parents=True)
+        (d / "old.txt").write_text("old")
+    js.write_text('"old"')
+    argv = [sys.executable, "-m", "rankwise", "compress", str(fixtures["dense"]), "--method", "svd", "--alloc",
+            "uniform", "--calib", str(fixtures["text"]), "--calib-samples", "2", "--seq-len", "16", "--quiet",
+            "--out", str(out), "--export-dense", str(dense), "--json", str(js), "--overwrite"]
+    env = {**os.environ, "RANKWISE_TEST_KILL_AT": step, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    recover(tmp_path / "w")
+    names = sorted(os.listdir(tmp_path / "w"))
+    assert names == ["c", "d", "r.json"], names
+    if step == "staged":
+        assert (out / "old.txt").exists() and (dense / "old.txt").exists() and js.read_text() == '"old"'
+    else:
+        import rankwise
+
+        assert not (out / "old.txt").exists() and not (dense / "old.txt").exists()
+        assert json.loads(js.read_text())["out"] == str(out)
+        rankwise.load(out)  # the new checkpoint is complete

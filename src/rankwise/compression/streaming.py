@@ -125,12 +125,12 @@ class _Materialiser:
 
 
 def _tokenizer(folder: Path):
-    from transformers import AutoTokenizer
+    """The folder's tokenizer (checked against the vocabulary: one line when corrupt or too large), None if absent."""
+    from rankwise.io.models import _TOKENIZER_FILES, load_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError, TypeError, KeyError):
+    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
         return None
+    return load_tokenizer(folder)
 
 
 def _write_metadata(folder: Path, hf_config, layers: dict, meta: dict, tokenizer, generation_config,

@@ -75,9 +75,10 @@ class StreamSource:
         self.folder = folder
         self.label = label
         self.dtype = dtype
+        self.reader = open_reader(folder)  # validated (index, headers, config sizes) before a skeleton is built
+        _check_rank_map(folder, self.reader)
         skeleton = build_skeleton(folder)
         found = find_targets(skeleton, targets, exclude, include_heads=include_heads)
-        self.reader = open_reader(folder)
         keys = set(self.reader.keys())
         prefix = getattr(skeleton, "base_model_prefix", "") or ""
         self.refs: list[MatrixRef] = []
@@ -140,6 +141,23 @@ def _locate(t: Target, keys: set[str], prefix: str, reader, folder: Path) -> tup
 
 class _NotStreamable(Exception):
     """The folder cannot be streamed (no safetensors, names that do not map onto the skeleton)."""
+
+
+def _check_rank_map(folder: Path, reader) -> None:
+    """A rankwise checkpoint's rank map is checked as ``rankwise.load`` checks it (one line when corrupt)."""
+    if not (folder / "rankwise.json").is_file():
+        return
+    from rankwise.io.checkpoint import _read_meta, check_layer_map
+    from rankwise.surgery.layers import build_layer
+
+    meta = _read_meta(folder)
+    layers = check_layer_map(meta["layers"], str(folder / "rankwise.json"))
+    qc = reader.config_dict.get("quantization_config")
+    if isinstance(qc, dict) and "layers" in qc and qc["layers"] != layers:
+        raise RankwiseError(f"the layer maps of rankwise.json and config.json in {folder} differ; the checkpoint "
+                            "was edited or mixed from two runs, write it again.")
+    for name, spec in layers.items():  # null / non-integer / negative ranks: one line, as rankwise.load says it
+        build_layer(name, spec, device="meta")
 
 
 def is_streamable(folder: Path) -> bool:
