@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from rankwise.config import positive_int as _positive  # whole, ≥ 1, 64-bit; one-line errors
 from rankwise.errors import RankwiseError
 from rankwise.inspection.config import DEVICE_HELP, DTYPE_CHOICES, check_device, check_dtype
 
@@ -21,29 +22,6 @@ def text_list(value: Any) -> list[str]:
     if not items or not all(items):
         raise RankwiseError(f"empty item in the text list {value!r}; separate names with commas, e.g. ptb,bbc.")
     return items
-
-
-def _positive(flag: str):
-    """Validator of a whole number ≥ 1 that fits in 64 bits (argparse type and ``__post_init__`` check)."""
-
-    def parse(value: Any) -> int:
-        v: int | None = None
-        if isinstance(value, int) and not isinstance(value, bool):
-            v = value
-        elif isinstance(value, str):
-            try:
-                v = int(value.strip())
-            except ValueError:
-                v = None
-        if v is None:
-            raise RankwiseError(f"{flag} must be a whole number, got {value!r}.")
-        if v < 1:
-            raise RankwiseError(f"{flag} must be at least 1, got {v}.")
-        if v >= 2**63:
-            raise RankwiseError(f"{flag} must fit in 64 bits, got {value!r}.")
-        return v
-
-    return parse
 
 
 def check_device_map(value: Any) -> str | None:
