@@ -199,6 +199,11 @@ def test_quantize_save_load_identical_logits(tmp_path):
     assert qw.dtype == torch.uint8 and qw.numel() == 64 * 128 * 4 // 8
     loaded = load_quantized(tmp_path / "q")
     assert torch.equal(loaded(x).logits, out)
+    from transformers import AutoModelForCausalLM
+
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(str(tmp_path / "q"))(x).logits, out)
+    model.save_pretrained(str(tmp_path / "hf"))  # marked: save_pretrained writes a folder that rebuilds too
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))(x).logits, out)
     dense = to_dense(loaded)
     assert not any(isinstance(mod, QuantLinear) for mod in dense.modules())
     assert torch.allclose(dense(x).logits, out, atol=1e-4)

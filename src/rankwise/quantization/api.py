@@ -350,4 +350,7 @@ def quantize(model: nn.Module, config: QuantizeConfig | None = None, calib: Any 
         **({"lowrank": prior} if prior else {}),
         "quantization": {**config.to_dict(), "calibration": result.calibration, "mean_rel_err": result.mean_rel_err},
     }
+    from rankwise.io.checkpoint import mark_factorised
+
+    mark_factorised(model)  # save_pretrained / Trainer.save_model now write a folder from_pretrained rebuilds
     return result
