@@ -131,3 +131,25 @@ def test_bad_checkpoints_and_options_are_one_line_errors(sharded, tmp_path):
     one_line(lambda: CompressConfig(dtype="float8"), "unknown --dtype")
     one_line(lambda: CompressConfig(max_shard_size="big"), "not a size")
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+
+
+def test_token_ids_of_a_long_text_are_cached_and_identical(tmp_path, monkeypatch):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from rankwise.compression.calibration.loops import text_windows
+    from rankwise.io.tokens import sample_windows
+
+    words = [f"w{i}" for i in range(300)]
+    tk = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "<s>": 1, **{w: i + 2 for i, w in enumerate(words)}},
+                                    unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>")
+    text = tmp_path / "long.txt"
+    text.write_text(" ".join(words[(i * 7) % 300] for i in range(40_000)))  # > 100k characters
+    monkeypatch.setenv("RANKWISE_CACHE", str(tmp_path / "cache"))
+    first, _ = text_windows(tok, str(text), 6, 32, seed=3)
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.pt"))) == 1
+    second, _ = text_windows(tok, str(text), 6, 32, seed=3)
+    direct = sample_windows(tok, text.read_text(), 6, 32, seed=3)
+    assert torch.equal(first, direct) and torch.equal(second, direct)

@@ -8,8 +8,10 @@ For every targeted layer we keep, over all calibration tokens x (rows of X):
   (an empirical Fisher diagonal summed over each output row: all FWSVD needs; only
   when requested, and only if the forward loop calls ``backward``).
 
-Layers fed the very same input tensor (q/k/v, gate/up) share one computation of XᵀX
-per forward call: the hook remembers the last input object and reuses its product.
+Layers fed the very same input tensor (q/k/v, gate/up) share one XᵀX: the hook remembers
+the last input object, and a layer that always sees its predecessor's input shares that
+layer's sums (the same tensor; ``extra["shares"]`` names the owner) instead of computing and
+storing the same n×n matrix again. Sums are accumulated in place.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from rankwise.errors import RankwiseError
 from rankwise.surgery.targets import Target
 
 
@@ -76,46 +79,55 @@ class StatsCollector:
         self.stats: dict[str, LayerStats] = {t.name: LayerStats(n=t.shape[1]) for t in targets}
         self._handles: list = []
         self._last_input: torch.Tensor | None = None
-        self._last_result: tuple | None = None
+        self._last_owner: str | None = None
         self._grad_flags: list[tuple[nn.Parameter, bool]] = []
 
     # -- accumulation -------------------------------------------------------------------------
-    def _compute(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    def _accumulate(self, st: LayerStats, x: torch.Tensor) -> None:
+        """Add one call's statistics into ``st`` in place (no per-call n×n copy is kept)."""
         x = x.detach()
         if self.skip_first and x.dim() >= 3 and x.shape[-2] > self.skip_first:
             x = x[..., self.skip_first :, :]
         x = x.reshape(-1, x.shape[-1])
-        xtx = None
         dev = self.stats_device or x.device
         if self.want_xtx:
-            xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=dev)
+            if st.xtx is None:
+                st.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=dev)
             # chunk products in the input's precision (at least float32) where the activations are,
             # summed in float64 on the statistics device: float64 matmuls cost twice as much on CPU
             # (and 32-64x on consumer GPUs) and a 1024-row float32 sum loses ~1e-7
             dt = torch.float64 if x.dtype == torch.float64 else torch.float32
             for i in range(0, x.shape[0], self.chunk_rows):
                 xc = x[i : i + self.chunk_rows].to(dt)
-                xtx.add_((xc.T @ xc).to(device=dev, dtype=torch.float64))
-        a = x.abs().to(torch.float64).sum(0).to(dev) if self.want_abs else None
-        return xtx, a, x.shape[0]
+                st.xtx.add_((xc.T @ xc).to(dev))  # float32 product added into the float64 sum
+        if self.want_abs:
+            a = x.abs().to(torch.float64).sum(0).to(dev)
+            st.abs_sum = a if st.abs_sum is None else st.abs_sum.add_(a)
+        st.rows += x.shape[0]
+        st.batches += 1
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output) -> None:
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor):
                 return
-            if self._last_input is x and self._last_result is not None:
-                xtx, a, rows = self._last_result
-            else:
-                xtx, a, rows = self._compute(x)
-                self._last_input, self._last_result = x, (xtx, a, rows)
             st = self.stats[name]
-            if xtx is not None:
-                st.xtx = xtx.clone() if st.xtx is None else st.xtx.add_(xtx)
-            if a is not None:
-                st.abs_sum = a.clone() if st.abs_sum is None else st.abs_sum.add_(a)
-            st.rows += rows
-            st.batches += 1
+            owner = self.stats[self._last_owner] if self._last_input is x and self._last_owner else None
+            if owner is not None and (st.extra.get("shares") == self._last_owner or (
+                    st.rows == 0 and owner.batches == 1)):
+                # the same input as the previous layer (q/k/v, gate/up) from the first call on:
+                # share its sums instead of computing and storing the same n×n matrix again
+                st.extra["shares"] = self._last_owner
+                st.xtx, st.abs_sum, st.rows, st.batches = owner.xtx, owner.abs_sum, owner.rows, owner.batches
+                return
+            if st.extra.get("shares"):  # the sums of the two layers can no longer be told apart
+                raise RankwiseError(
+                    f"{name} received the same input tensor as {st.extra['shares']} on the first calibration "
+                    "call but a different one later; rankwise shares their statistics, so it cannot handle this "
+                    "model's forward (please report it)."
+                )
+            self._accumulate(st, x)
+            self._last_input, self._last_owner = x, name
 
         return hook
 
@@ -150,4 +162,4 @@ class StatsCollector:
             p.requires_grad_(flag)
             p.grad = None
         self._grad_flags.clear()
-        self._last_input = self._last_result = None
+        self._last_input, self._last_owner = None, None

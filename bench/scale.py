@@ -1,0 +1,239 @@
+"""Peak memory and time of `rankwise compress` against depth, on SmolLM2, and on a GPU when there is one.
+
+    .venv/bin/python bench/scale.py                       # everything (≈ 30 min on 2 busy cores)
+    .venv/bin/python bench/scale.py --layers 4 --skip-smollm --skip-old    # a quick look
+
+1. **Depth.** A Llama-shaped checkpoint with random weights (hidden 1536, intermediate 6144,
+   12 query / 4 key-value heads of 128, SmolLM2's tokenizer and vocabulary, bf16, sharded in
+   200 MB files) at 4, 8 and 16 layers, written once under ``~/.cache/rankwise/bench`` one
+   tensor at a time. Each is compressed by the CLI, ``rankwise compress CKPT --dtype bfloat16``
+   with the default pipeline (whiten + global allocation with loss sensitivity), but only
+   ``--calib-samples 8 --seq-len 128`` calibration windows to keep the shared machine usable
+   (the hidden states and statistics this saves are small next to a block; the goal is about
+   depth). Goals: the 12 extra layers add ≤ 0.15× their fp32 bytes to the peak, and the
+   16-layer peak is ≤ 0.6× the fp32 model.
+2. **SmolLM2-135M**, default pipeline and default calibration (32 × 256), streamed: peak RSS
+   against the fp32 model (goal ≤ 1.5×; 3.8× before streaming) and wall time against the
+   pipeline of commit ``--old`` (default deb9b95, before streaming) run side by side from a
+   ``git worktree`` (goal: ≤ 10 % slower).
+3. **GPU** (only when CUDA is present, otherwise recorded as skipped): SmolLM2 and the
+   16-layer model compressed with ``--device cuda --dtype bfloat16``, wall time against the
+   CPU run above, and SmolLM2's PTB perplexity of the CUDA and CPU outputs (goal: within 1 %).
+
+Peak RSS is the child's ``ru_maxrss`` read by a fresh wrapper process per run
+(``resource.getrusage(RUSAGE_CHILDREN)``), so runs do not see each other's peaks. Writes
+bench/results/scale.json with the load average before and after (the machine is shared:
+times are comparable only side by side within one run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run_info, write_result  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path("~/.cache/rankwise/bench").expanduser()
+SHAPE = {"hidden": 1536, "inter": 6144, "heads": 12, "kv": 4, "head_dim": 128}
+WRAP = (
+    "import json, resource, subprocess, sys, time\n"
+    "t = time.perf_counter()\n"
+    "p = subprocess.run(sys.argv[2:], stdout=subprocess.DEVNULL, stderr=open(sys.argv[1] + '.log', 'w'))\n"
+    "json.dump({'rc': p.returncode, 'seconds': time.perf_counter() - t,\n"
+    "           'peak_rss_bytes': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024},\n"
+    "          open(sys.argv[1], 'w'))\n"
+)
+
+
+def build_checkpoint(layers: int) -> tuple[Path, int]:
+    """The random Llama-shaped bf16 checkpoint (written once, one tensor at a time); (folder, parameters)."""
+    from accelerate import init_empty_weights
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rankwise.io.models import load_tokenizer
+    from rankwise.io.shards import ShardedWriter
+
+    folder = CACHE / f"scale-llama-{layers}L-{SHAPE['hidden']}-{SHAPE['inter']}-bf16"
+    tok = load_tokenizer("smollm2-135m")
+    cfg = LlamaConfig(hidden_size=SHAPE["hidden"], intermediate_size=SHAPE["inter"],
+                      num_attention_heads=SHAPE["heads"], num_key_value_heads=SHAPE["kv"],
+                      head_dim=SHAPE["head_dim"], num_hidden_layers=layers, vocab_size=len(tok),
+                      max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, dtype="bfloat16")
+    with init_empty_weights():
+        skeleton = LlamaForCausalLM(cfg)
+    params = sum(p.numel() for p in skeleton.parameters())
+    if (folder / "config.json").is_file():
+        return folder, params
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    writer = ShardedWriter(tmp, max_shard_size="200MB")
+    g = torch.Generator().manual_seed(0)
+    for name, p in skeleton.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied to the embeddings
+        if name.endswith("norm.weight"):
+            t = torch.ones(p.shape, dtype=torch.bfloat16)
+        else:
+            t = (torch.randn(p.shape, generator=g) * 0.02).to(torch.bfloat16)
+        writer.add(name, t)
+    writer.close()
+    cfg.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    os.replace(tmp, folder)
+    return folder, params
+
+
+def measured(cmd: list[str], work: Path, name: str, env: dict | None = None) -> dict:
+    """Run ``cmd`` in a fresh wrapper; its wall time and peak RSS (bytes), and the --json it wrote."""
+    res_file = work / f"{name}.run.json"
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    subprocess.run([sys.executable, "-c", WRAP, str(res_file), *cmd], env=full_env, check=True)
+    res = json.loads(res_file.read_text())
+    if res["rc"] != 0:
+        tail = Path(str(res_file) + ".log").read_text()[-3000:]
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{tail}")
+    out_json = work / f"{name}.json"
+    if out_json.is_file():
+        data = json.loads(out_json.read_text())
+        res["timings"] = data.get("timings")
+        res["achieved_ratio"] = data.get("achieved_ratio")
+    return res
+
+
+def rankwise_cmd(*args: str, src: Path | None = None) -> list[str]:
+    if src is None:
+        return [sys.executable, "-m", "rankwise", *args]
+    code = f"import sys; sys.path.insert(0, {str(src)!r}); from rankwise.cli.main import main; sys.exit(main())"
+    return [sys.executable, "-c", code, *args]
+
+
+def perplexity(folder: Path, work: Path, name: str) -> float:
+    out = work / f"{name}.eval.json"
+    subprocess.run([sys.executable, "-m", "rankwise", "eval", str(folder), "--text", "ptb", "--tokens", "4096",
+                    "--json", str(out), "--quiet"], check=True, capture_output=True)
+    data = json.loads(out.read_text())
+    return float(data["models"][0]["perplexity"]["ptb"]) if "models" in data else float(data["perplexity"]["ptb"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--calib-samples", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-smollm", action="store_true")
+    ap.add_argument("--skip-old", action="store_true", help="do not run the pre-streaming pipeline side by side")
+    ap.add_argument("--old", default="deb9b95", help="commit of the pipeline to compare against")
+    args = ap.parse_args()
+    info = run_info()
+    work = Path(tempfile.mkdtemp(prefix="rankwise-scale-"))
+    threads = {"OMP_NUM_THREADS": str(args.threads)}
+    result: dict = {"run": info, "shape": SHAPE, "calibration": {"samples": args.calib_samples,
+                                                                  "seq_len": args.seq_len},
+                    "depth": [], "smollm2": None, "gpu": None}
+    try:
+        # 1. depth
+        for n in args.layers:
+            folder, params = build_checkpoint(n)
+            r = measured(rankwise_cmd("compress", str(folder), "--dtype", "bfloat16", "--threads", str(args.threads),
+                                      "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len),
+                                      "--out", str(work / f"L{n}"), "--overwrite", "--quiet",
+                                      "--json", str(work / f"L{n}.json")), work, f"L{n}", threads)
+            row = {"layers": n, "params": params, "fp32_bytes": 4 * params, "peak_rss_bytes": r["peak_rss_bytes"],
+                   "seconds": r["seconds"], "timings": r.get("timings"),
+                   "rss_over_fp32": r["peak_rss_bytes"] / (4 * params)}
+            result["depth"].append(row)
+            print(f"{n:>3} layers  {params / 1e6:7.1f} M params  fp32 {4 * params / 2**30:5.2f} GiB  "
+                  f"peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB ({row['rss_over_fp32']:.2f}× fp32)  "
+                  f"{r['seconds']:6.0f} s", flush=True)
+            shutil.rmtree(work / f"L{n}", ignore_errors=True)
+        d = {row["layers"]: row for row in result["depth"]}
+        if 4 in d and 16 in d:
+            per_layer_fp32 = (d[16]["fp32_bytes"] - d[4]["fp32_bytes"]) / 12
+            extra = d[16]["peak_rss_bytes"] - d[4]["peak_rss_bytes"]
+            result["goals"] = {
+                "extra_12_layers_over_their_fp32": extra / (12 * per_layer_fp32),
+                "flat_in_depth_met": extra <= 0.15 * 12 * per_layer_fp32,
+                "peak16_over_fp32": d[16]["rss_over_fp32"],
+                "peak16_met": d[16]["rss_over_fp32"] <= 0.6,
+            }
+        # 2. SmolLM2, default pipeline, against the old pipeline side by side
+        if not args.skip_smollm:
+            from rankwise.io.models import resolve_model
+
+            src = resolve_model("smollm2-135m")
+            fp32 = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+            new = measured(rankwise_cmd("compress", "--threads", str(args.threads), "--out", str(work / "smol"),
+                                        "--overwrite", "--quiet", "--json", str(work / "smol.json")),
+                           work, "smol", threads)
+            sm = {"fp32_bytes": fp32, "streamed": {"peak_rss_bytes": new["peak_rss_bytes"], "seconds": new["seconds"],
+                                                   "timings": new.get("timings"),
+                                                   "rss_over_fp32": new["peak_rss_bytes"] / fp32}}
+            print(f"SmolLM2 streamed: peak RSS {new['peak_rss_bytes'] / 2**30:.2f} GiB "
+                  f"({sm['streamed']['rss_over_fp32']:.2f}× fp32), {new['seconds']:.0f} s", flush=True)
+            if not args.skip_old:
+                tree = work / "old-tree"
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), args.old],
+                               check=True, capture_output=True)
+                try:
+                    old = measured(rankwise_cmd("compress", "--out", str(work / "smol-old"), "--overwrite",
+                                                "--json", str(work / "smol-old.json"), src=tree / "src"),
+                                   work, "smol-old", threads)
+                finally:
+                    subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
+                                   capture_output=True)
+                sm["old"] = {"commit": args.old, "peak_rss_bytes": old["peak_rss_bytes"], "seconds": old["seconds"],
+                             "rss_over_fp32": old["peak_rss_bytes"] / fp32}
+                sm["time_ratio_new_over_old"] = new["seconds"] / old["seconds"]
+                sm["time_goal_met"] = sm["time_ratio_new_over_old"] <= 1.10
+                print(f"SmolLM2 old pipeline ({args.old}): peak RSS {old['peak_rss_bytes'] / 2**30:.2f} GiB "
+                      f"({sm['old']['rss_over_fp32']:.2f}× fp32), {old['seconds']:.0f} s; "
+                      f"time new/old {sm['time_ratio_new_over_old']:.2f}", flush=True)
+            sm["rss_goal_met"] = sm["streamed"]["rss_over_fp32"] <= 1.5
+            result["smollm2"] = sm
+        # 3. GPU
+        if not torch.cuda.is_available():
+            result["gpu"] = "skipped: no CUDA"
+        else:
+            gpu: dict = {"device": torch.cuda.get_device_name(0)}
+            runs = [("smol", [])]
+            if 16 in args.layers:
+                runs.append(("L16", [str(build_checkpoint(16)[0]), "--calib-samples", str(args.calib_samples),
+                                     "--seq-len", str(args.seq_len)]))
+            for name, extra in runs:
+                g = measured(rankwise_cmd("compress", *extra, "--device", "cuda", "--dtype", "bfloat16",
+                                          "--out", str(work / f"{name}-cuda"), "--overwrite", "--quiet",
+                                          "--json", str(work / f"{name}-cuda.json")), work, f"{name}-cuda")
+                cpu_s = (result["smollm2"] or {}).get("streamed", {}).get("seconds") if name == "smol" else \
+                    next((row["seconds"] for row in result["depth"] if row["layers"] == 16), None)
+                gpu[name] = {"seconds": g["seconds"], "cpu_seconds": cpu_s,
+                             "speedup": (cpu_s / g["seconds"]) if cpu_s else None}
+            if (work / "smol").is_dir():
+                # the CPU run above kept float32 (the checkpoint's dtype): compare with a CPU bf16 run
+                measured(rankwise_cmd("compress", "--dtype", "bfloat16", "--device", "cpu", "--out",
+                                      str(work / "smol-cpu-bf16"), "--overwrite", "--quiet"), work, "smol-cpu-bf16")
+                p_gpu = perplexity(work / "smol-cuda", work, "smol-cuda")
+                p_cpu = perplexity(work / "smol-cpu-bf16", work, "smol-cpu-bf16")
+                gpu["smol_ppl"] = {"cuda_bf16": p_gpu, "cpu_bf16": p_cpu, "rel_diff": abs(p_gpu - p_cpu) / p_cpu,
+                                   "met": abs(p_gpu - p_cpu) / p_cpu <= 0.01}
+            result["gpu"] = gpu
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    write_result("scale", result)
+    if "goals" in result:
+        print(json.dumps(result["goals"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
