@@ -248,3 +248,20 @@ def test_compressed_model_carries_quantization_config(tmp_path: Path) -> None:
     dense = rankwise.to_dense(model)  # a plain model again: no rankwise config left
     assert not hasattr(dense.config, "quantization_config")
     assert hasattr(model.config, "quantization_config")
+
+
+HOOKED = """
+import sys
+import rankwise
+assert "transformers" not in sys.modules and "torch" not in sys.modules  # import rankwise stays light
+from transformers import AutoModelForCausalLM  # the import hook registers quant_method "rankwise" here
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+print(sum(type(m).__name__ == "LowRankLinear" for m in model.modules()))
+"""
+
+
+def test_import_rankwise_first_registers_through_the_import_hook(tmp_path: Path) -> None:
+    ck = save(compressed_llama(), tmp_path / "ck")
+    r = subprocess.run([sys.executable, "-c", HOOKED, str(ck)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "9"
