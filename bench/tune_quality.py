@@ -89,13 +89,17 @@ def attach(model, method: str, rank: int, alpha: float, head: str | None, steps:
     return time.perf_counter() - t0, model
 
 
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.0f}"
+
+
 def table(rows: list[dict[str, Any]], metric: str) -> str:
     lines = [f"| method | trainable params | {metric} | lr | s/step | peak RSS +MB | init s |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         val = f"{r[metric]:.4f}" if metric == "accuracy" else f"{r[metric]:.2f}"
         lines.append(f"| {r['method']} | {r['trainable_parameters']:,} | {val} | {r['lr']:g} | "
-                     f"{r['s_per_step']:.2f} | {r['peak_memory_delta_mb']:.0f} | {r['init_s']:.2f} |")
+                     f"{r['s_per_step']:.2f} | {_num(r.get('peak_memory_delta_mb'))} | {r['init_s']:.2f} |")
     return "\n".join(lines)
 
 
@@ -140,15 +144,17 @@ def part_classify(a: argparse.Namespace) -> dict[str, Any]:
         gc.collect()
         return out
 
-    # one base LR, chosen for LoRA on the validation slice (never on test)
-    search = [run("lora", lr, evals=((None, "val"),))[0] for lr in a.cls_lrs]
-    base_lr = max(search, key=lambda r: r["accuracy"])["lr"]
+    # one base LR, chosen for LoRA on the validation slice (never on test); --cls-base-lr reuses a choice
+    search = [] if a.cls_base_lr else [run("lora", lr, evals=((None, "val"),))[0] for lr in a.cls_lrs]
+    base_lr = a.cls_base_lr or max(search, key=lambda r: r["accuracy"])["lr"]
     rows = []
     for method in a.methods:
         lr = base_lr * default_lr(method) / default_lr("lora")
         evals = ((None, "test"), (a.rank // 2, "test")) if method == "dylora" else ((None, "test"),)
         rows += run(method, lr, evals=evals)
-    rows += [{**r, "method": f"lora r={a.rank // 2}"} for r in run("lora", base_lr, rank=a.rank // 2)]
+        write_result(a.name, {"classify": {"rows": rows, "base_lr": base_lr, "partial": True}})
+    if a.half_rank_lora:
+        rows += [{**r, "method": f"lora r={a.rank // 2}"} for r in run("lora", base_lr, rank=a.rank // 2)]
     return {"lr_search_on_validation": [{k: r[k] for k in ("lr", "accuracy")} for r in search],
             "base_lr": base_lr, "rows": rows,
             "setup": {"train_articles": len(train_ds), "validation_articles": len(val_texts),
@@ -186,10 +192,19 @@ def part_lm(a: argparse.Namespace) -> dict[str, Any]:
             print(f"  lm {label:24s} ppl={ppl:.2f} {res.s_per_step:.2f} s/step init {init_s:.2f}s",
                   file=sys.stderr)
 
+    def result() -> dict[str, Any]:
+        return {"dense_perplexity": dense, "rows": rows,
+                "setup": {"steps": a.lm_steps, "batch_size": a.lm_batch, "seq_len": a.lm_seq_len,
+                          "eval_tokens": a.lm_eval_tokens, "rank": a.rank, "alpha": 2 * a.rank,
+                          "targets": a.lm_targets,
+                          "lr": "CLI default per method (2e-4; x10 svfit, loldu, lora-xs)", "seeds": [0]}}
+
     for method in a.methods:
         run(method, a.rank, (None, a.rank // 2) if method == "dylora" else (None,))
+        write_result(a.name, {"lm": result(), "partial": True})  # a killed run keeps its rows
         gc.collect()
-    run("lora", a.rank // 2)
+    if a.half_rank_lora:
+        run("lora", a.rank // 2)
     return {"dense_perplexity": dense, "rows": rows,
             "setup": {"steps": a.lm_steps, "batch_size": a.lm_batch, "seq_len": a.lm_seq_len,
                       "eval_tokens": a.lm_eval_tokens, "rank": a.rank, "alpha": 2 * a.rank,
@@ -345,7 +360,8 @@ def picture(out: dict[str, Any], path: Path) -> None:
             ax.set_title(f"MiniLM-L6, BBC, 1 epoch of {out[key]['setup']['train_articles']} articles")
         else:
             ax.set_ylabel("PTB test perplexity (lower is better)")
-            ax.axhline(out[key]["dense_perplexity"], color="gray", ls=":", lw=1)
+            ax.axhline(out[key]["dense_perplexity"], color="gray", ls=":", lw=1, label="no adapter")
+            ax.legend(loc="upper right", fontsize=8)
             ax.set_title(f"SmolLM2-135M, PTB, {out[key]['setup']['steps']} steps")
         ax.grid(alpha=0.3)
     fig.text(0.01, 0.01, "circles: native rankwise adapters; squares: through PEFT", fontsize=8)
@@ -362,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(ALL))
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--cls-lrs", default="1e-3,3e-3")
+    p.add_argument("--cls-base-lr", type=float, default=None, help="skip the validation search, use this LR")
     p.add_argument("--cls-train", type=int, default=64)
     p.add_argument("--cls-val", type=int, default=48)
     p.add_argument("--cls-eval", type=int, default=100)
@@ -374,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lm-seq-len", type=int, default=128)
     p.add_argument("--lm-eval-tokens", type=int, default=512)
     p.add_argument("--parity-steps", type=int, default=6)
+    p.add_argument("--no-half-rank-lora", dest="half_rank_lora", action="store_false",
+                   help="skip the LoRA-at-r/2 reference row (when methods are split over processes)")
     p.add_argument("--init-rounds", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--progress", action="store_true")
@@ -399,7 +418,12 @@ def main(argv: list[str] | None = None) -> int:
             runs = out.setdefault("runs", {})
             runs[name] = data.get("run")
             for k in ("parity", "classify", "lm", "init", "heal"):
-                if k in data:
+                if k not in data:
+                    continue
+                if k in out and "rows" in out[k]:  # methods split over processes: concatenate their rows
+                    seen = {r["method"] for r in out[k]["rows"]}
+                    out[k]["rows"] += [r for r in data[k]["rows"] if r["method"] not in seen]
+                else:
                     out[k] = data[k]
         out["goals"] = goals(out, a.rank)
         write_result(a.name, out)
