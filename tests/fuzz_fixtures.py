@@ -253,8 +253,8 @@ class Case:
         return dest
 
 
-ALL = ("inspect", "compress", "eval", "tune", "train")
-LOADERS = ("compress", "eval", "tune", "train")  # verbs that load every weight (inspect reads matrices only)
+ALL = ("inspect", "compress", "eval", "tune", "train", "quantize")
+LOADERS = ("compress", "eval", "tune", "train", "quantize")  # verbs that load every weight
 EVAL = ("eval",)
 
 MODEL_CASES: list[Case] = [

@@ -49,7 +49,13 @@ def time_limit():
 
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory) -> dict[str, Path]:
-    return fx.build_base(tmp_path_factory.mktemp("fuzz"))
+    from transformers.utils import logging as hf_logging
+
+    # `rankwise --quiet` sets HF_HUB_DISABLE_PROGRESS_BARS, which transformers reads when first imported: true
+    # in a fresh process, not in this one (imported long before), so silence its loading bar as that process would
+    hf_logging.disable_progress_bar()
+    yield fx.build_base(tmp_path_factory.mktemp("fuzz"))
+    hf_logging.enable_progress_bar()
 
 
 def argv_for(verb: str, model: Path | str, fixtures: dict[str, Path], work: Path) -> list[str]:
@@ -65,6 +71,8 @@ def argv_for(verb: str, model: Path | str, fixtures: dict[str, Path], work: Path
         "tune": ["tune", str(model), "--method", "lora", "--rank", "2", "--data", text, "--steps", "1",
                  "--batch-size", "1", "--seq-len", "16", "--eval-tokens", "32", "--out", str(work / "a"),
                  "--merge", str(work / "m"), "--json", str(work / "t.json")],
+        "quantize": ["quantize", str(model), "--method", "gptq", "--calib", text, "--calib-samples", "2",
+                     "--seq-len", "16", "--group-size", "16", "--out", str(work / "q"), "--json", str(work / "q.json")],
         "train": ["train", str(model), "--optimizer", "adamw", "--data", text, "--steps", "1", "--batch-size", "1",
                   "--seq-len", "16", "--eval-tokens", "0", "--out", str(work / "t"), "--json",
                   str(work / "t.json")],
@@ -146,6 +154,9 @@ BAD_OPTIONS: dict[str, list[list[str]]] = {
               ["--seed", BIG], ["--eval-tokens", "-5"], ["--steps", "0"], ["--steps", "inf"],
               ["--batch-size", "0"], ["--seq-len", "0"], ["--scale", "inf"], ["--trp-lam", "nan"],
               ["--data", "BINARY"], ["--data", "/no/such.txt"]],
+    "quantize": [["--bits", "5"], ["--bits", "nan"], ["--group-size", "0"], ["--group-size", "-16"],
+                 ["--damp", "nan"], ["--damp", "inf"], ["--damp", "2"], ["--eora-rank", "-1"], ["--seed", BIG],
+                 ["--calib-samples", "0"], ["--seq-len", "1"], ["--calib", "BINARY"], ["--method", "nope"]],
 }
 OPTION_PARAMS = [_param(verb, opt, id=f"{verb}{''.join(opt)}") for verb, opts in BAD_OPTIONS.items() for opt in opts]
 
@@ -218,7 +229,7 @@ def read_only(tmp_path):
         ro.chmod(0o755)
 
 
-WRITERS = ("inspect", "compress", "eval", "tune", "train")
+WRITERS = fx.ALL
 
 
 @pytest.mark.parametrize("verb", WRITERS)

@@ -28,21 +28,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from rankwise.io.atomic import check_writable
+    from rankwise.io.atomic import atomic_outputs
     from rankwise.io.models import load_model, load_tokenizer, resolve_model
     from rankwise.quantization.api import quantize
     from rankwise.quantization.io import export_dense, is_quantized_folder, save_quantized
 
     config = config_from_args(QuantizeConfig, args)  # validates every option first
-    out = check_writable(args.out, is_dir=True)
-    if out.exists() and not args.overwrite:
-        raise RankwiseError(f"output folder {out} already exists; pass --overwrite or another --out.")
-    if args.export_dense:
-        dense_out = check_writable(args.export_dense, is_dir=True)
-        if dense_out.exists() and not args.overwrite:
-            raise RankwiseError(f"output folder {dense_out} already exists; pass --overwrite or another folder.")
-        if dense_out.resolve() == out.resolve():
-            raise RankwiseError("--export-dense must differ from --out.")
+    out = Path(args.out).expanduser()
+    if args.export_dense and Path(args.export_dense).expanduser().resolve() == out.resolve():
+        raise RankwiseError("--export-dense must differ from --out.")
+    # every output checked now, written under temporary names and put in place together at the end
+    outputs = atomic_outputs(dirs=[args.out, args.export_dense], files=[args.json], overwrite=args.overwrite)
     src = resolve_model(args.model)
     if is_quantized_folder(src):
         raise RankwiseError(f"{src} is already quantised; quantise the original (or `rankwise compress`) folder.")
@@ -58,16 +54,16 @@ def run(args: argparse.Namespace) -> int:
                   + f"; calibration: {calib}")
     result = quantize(model, config, tokenizer=tok)
     t1 = time.perf_counter()
-    with console.status(f"saving {out} …"):
+    with console.status(f"saving {out} …"), outputs:
         save_quantized(model, out, tokenizer=tok, overwrite=args.overwrite)
         if args.export_dense:
             export_dense(model, args.export_dense, tokenizer=tok, overwrite=args.overwrite)
+        if args.json and args.json != "-":
+            write_json({**result.to_dict(), "out": str(out)}, args.json)
     save_s = time.perf_counter() - t1
-    _table(result, load_s, save_s, Path(out), args.export_dense)
-    if args.json:
-        data = result.to_dict()
-        data["out"] = str(out)
-        write_json(data, args.json)
+    _table(result, load_s, save_s, out, args.export_dense)
+    if args.json == "-":
+        write_json({**result.to_dict(), "out": str(out)}, args.json)
     return 0
 
 

@@ -147,9 +147,11 @@ def _check_rank_map(folder: Path, reader) -> None:
     """A rankwise checkpoint's rank map is checked as ``rankwise.load`` checks it (one line when corrupt)."""
     if not (folder / "rankwise.json").is_file():
         return
-    from rankwise.io.checkpoint import _read_meta, check_layer_map
+    from rankwise.io.checkpoint import _read_meta, check_layer_map, is_old_format
     from rankwise.surgery.layers import build_layer
 
+    if is_old_format(folder):  # the first format's rank map is checked when it is converted
+        return
     meta = _read_meta(folder)
     layers = check_layer_map(meta["layers"], str(folder / "rankwise.json"))
     qc = reader.config_dict.get("quantization_config")
