@@ -285,13 +285,16 @@ def test_output_sensitivity_matches_autograd():
 
 def test_fisher_weighted_global_allocation_beats_relative_on_tiny_llama():
     x = windows()
+    held_out = windows(n=16, seed=1)  # evaluated on windows it did not calibrate on
     err = {}
     for sens, norm in (("none", "total"), ("fisher", "none")):
         m = tiny_llama()
-        ref = m(x).logits
+        with torch.no_grad():
+            ref = m(held_out).logits
         res = compress(m, CompressConfig(ratio=0.6, alloc_norm=norm, alloc_sensitivity=sens, progress=False), calib=x)
         assert 0.6 <= res.achieved_ratio <= 0.61
-        err[sens] = float((m(x).logits - ref).pow(2).mean())
+        with torch.no_grad():
+            err[sens] = float((m(held_out).logits - ref).pow(2).mean())
     assert err["fisher"] < err["none"]
 
 
