@@ -87,6 +87,7 @@ def test_plain_transformers_refuses_and_with_rankwise_from_pretrained_equals_loa
         assert sum(isinstance(x, LowRankLinear) for x in m.modules()) == 9
         assert m.generation_config.max_new_tokens == 7
     assert torch.equal(logits(hf), logits(rw))
+    assert rw.double().dtype == torch.float64 and rw.float().dtype == torch.float32  # casts allowed
     assert torch.equal(logits(rw), ref)
     # save_pretrained of the loaded model (what Trainer.save_model does) stays a rankwise folder
     hf.save_pretrained(str(tmp_path / "resaved"))

@@ -140,6 +140,9 @@ class RankwiseHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):  # noqa: ANN001
+        # factorised layers are ordinary float modules: .half()/.float(), dtype casts and full fine-tuning
+        # (which transformers refuses for "quantized" models) stay allowed
+        model.is_quantized = False
         return model
 
     def get_state_dict_and_metadata(self, model):  # noqa: ANN001
