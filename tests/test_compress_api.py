@@ -10,8 +10,9 @@ from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, Lla
 
 import rankwise
 from rankwise.compression.api import CompressConfig, compress
-from rankwise.compression.calibration import StatsCollector, capture_block_inputs, find_blocks, run_block
+from rankwise.compression.calibration import StatsCollector
 from rankwise.compression.calibration.loops import windows_forward_loop
+from rankwise.compression.runner import BlockRunner, find_blocks
 from rankwise.engine.metrics import break_even_rank
 from rankwise.errors import RankwiseError
 from rankwise.surgery import LowRankLinear, find_targets
@@ -135,10 +136,11 @@ def test_find_blocks_and_sequential_stats_differ_in_later_blocks():
     blocks = find_blocks(model, targets)
     assert blocks is not None and blocks.prefix == "model.layers" and len(blocks.modules) == 3
     loop = windows_forward_loop(x)
-    inputs = capture_block_inputs(model, blocks.modules[0], loop)
-    assert len(inputs) == 1  # one batch of 8 windows
-    # the captured block-0 input equals the embedding output
-    assert torch.allclose(inputs[0][0][0], model.model.embed_tokens(x))
+    with BlockRunner(model, blocks, loop, progress=False) as r:
+        r.capture()
+        assert r.n_batches == 1  # one batch of 8 windows
+        # the captured block-0 input equals the embedding output
+        assert torch.allclose(r.h0[0], model.model.embed_tokens(x))
     name = "model.layers.2.self_attn.q_proj"
     stats = {}
     for seq in (False, True):
@@ -151,17 +153,18 @@ def test_find_blocks_and_sequential_stats_differ_in_later_blocks():
     # recompute sequential statistics of block 2 by hand: run blocks 0,1 of a compressed copy
     m = copy_of(model)
     compress(m, CompressConfig(ratio=0.5, method="whiten", alloc="uniform", sequential=True, progress=False), calib=x)
-    b = find_blocks(m, targets)
-    inp = capture_block_inputs(m, b.modules[0], loop)
-    h = [inp[0][0][0]]
-    for i in range(2):
-        h = run_block(b.modules[i], inp, h)
     dense_q = copy_of(model).model.layers[2].self_attn.q_proj
     m.model.layers[2].self_attn.q_proj = dense_q
     from rankwise.surgery.targets import Target
 
-    with StatsCollector([Target(name, dense_q)]) as col:
-        run_block(m.model.layers[2], inp, h)
+    with BlockRunner(m, find_blocks(m, targets), loop, progress=False) as r:
+        r.capture()
+        h = r.h0
+        for i in range(2):
+            with r.block(i) as blk:
+                h = r.run(i, blk, h)
+        with StatsCollector([Target(name, dense_q)]) as col, r.block(2) as blk:
+            r.run(2, blk, h)
     seq_xtx = col.stats[name].xtx
     assert not torch.allclose(seq_xtx, stats[False], rtol=1e-3)
     # and the dense statistics are what a non-sequential hook pass over the dense model gives
