@@ -230,9 +230,12 @@ def test_quantize_lowrank_factors(tmp_path):
                                                      alloc_sensitivity="none", progress=False))
     x = windows(2, 16, seed=4)
     ref = model(x).logits
-    quantize(model, QuantizeConfig(bits=8, group_size=32, method="gptq", progress=False), calib=windows())
+    res = quantize(model, QuantizeConfig(bits=8, group_size=32, method="gptq", eora_rank=2, progress=False),
+                   calib=windows())
     lr = [mod for mod in model.modules() if isinstance(mod, QuantLowRank)]
     assert len(lr) == 14 and all(isinstance(m.A, QuantLinear) and isinstance(m.B, QuantLinear) for m in lr)
+    assert all(m.A.eora_rank == 2 and m.B.eora_rank == 2 for m in lr)  # EoRA on each quantised factor
+    assert all(v["rel_err_eora"] <= v["rel_err"] for v in res.layers.values())
     out = model(x).logits
     assert float((out - ref).norm() / ref.norm()) < 0.02  # 8 bits: close to the low-rank model
     save_quantized(model, tmp_path / "lq")
