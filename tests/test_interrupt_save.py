@@ -233,3 +233,19 @@ def test_cli_compress_killed_during_save_keeps_all_old_or_all_new(step, tmp_path
         assert not (out / "old.txt").exists() and not (dense / "old.txt").exists()
         assert json.loads(js.read_text())["out"] == str(out)
         rankwise.load(out)  # the new checkpoint is complete
+
+
+def test_saved_checkpoint_follows_the_umask(tmp_path):
+    """J.4: a real rankwise.save output (folder, tensors, JSON, tokenizer) has 0755/0644 under umask 022."""
+    import fuzz_fixtures as fx
+    import rankwise
+
+    old = os.umask(0o022)
+    try:
+        rankwise.save(fx.tiny_llama(), tmp_path / "ckpt", tokenizer=fx.tokenizer())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "ckpt").st_mode) == 0o755
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ckpt").iterdir()}
+    assert "model.safetensors" in modes and "rankwise.json" in modes
+    assert set(modes.values()) == {0o644}, modes

@@ -22,7 +22,8 @@ Temporary folders and journals whose owning process is dead are cleaned up at
 the start of the next write into the same folder.
 
 Outputs follow the umask like any other file a program creates (``mkdtemp``
-would make them private, 0700/0600). Disk full, a file-size limit, a
+would make them private, 0700/0600, and safetensors writes 0600 files: the
+modes are set from the umask on the complete output before it is put in place). Disk full, a file-size limit, a
 read-only or unwritable location become one-line :class:`RankwiseError`
 messages, with nothing left behind.
 
@@ -116,6 +117,41 @@ def _remove(path: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+def _umask() -> int:
+    try:  # Linux >= 4.7 reports it without changing it (os.umask is a set-and-restore, racy with threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(path: Path) -> None:
+    """Give a staged output the modes the umask gives new files (0666) and folders (0777).
+
+    Some writers create private files whatever the umask (safetensors' ``save_file`` makes 0600
+    files), so the modes are set once, on the complete output, before it is put in place.
+    """
+    mask = _umask()
+    fmode, dmode = 0o666 & ~mask, 0o777 & ~mask
+    if path.is_symlink():
+        return
+    if path.is_file():
+        os.chmod(path, fmode)
+        return
+    os.chmod(path, dmode)
+    for root, dirs, files in os.walk(path):
+        for d in dirs:
+            if not os.path.islink(os.path.join(root, d)):
+                os.chmod(os.path.join(root, d), dmode)
+        for f in files:
+            if not os.path.islink(os.path.join(root, f)):
+                os.chmod(os.path.join(root, f), fmode)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -476,6 +512,8 @@ class AtomicOutputs:
                                              and j.parent in {e.dest.parent for e in entries})
 
     def _commit(self, entries: list[_Entry]) -> None:
+        for e in entries:
+            _follow_umask(e.staged)
         for e in entries:
             e.ino = _ino(e.staged)
         tag = f"rw{os.getpid()}-{secrets.token_hex(4)}"
