@@ -62,15 +62,29 @@ def spectra(
         for start in range(0, len(idx), per):
             chunk = idx[start : start + per]
             if method == "gram":
-                sv = _gram_svdvals(torch.stack([weights[i].detach().to(torch.float64) for i in chunk]))
+                sv = _gram_svdvals(_stacked(weights, chunk, torch.float64))
             else:
-                stack = torch.stack([_upcast(weights[i], dtype) for i in chunk])
-                sv = torch.linalg.svdvals(stack)
+                w0 = weights[chunk[0]]
+                wide = w0.dtype if w0.dtype in (torch.float64, torch.float32) else _MIN_DTYPE
+                sv = torch.linalg.svdvals(_stacked(weights, chunk, dtype or wide))
             for j, i in enumerate(chunk):
                 out[i] = sv[j]
             if on_done is not None:
                 on_done(len(chunk))
     return out  # type: ignore[return-value]
+
+
+def _stacked(weights: Sequence[torch.Tensor], idx: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """The matrices ``weights[idx]`` as one (b, m, n) ``dtype`` tensor, converted straight into place.
+
+    (``torch.stack`` of converted copies would hold every matrix twice at the peak; streaming
+    inspect decomposes matrices as large as memory allows one at a time, so the copy matters.)
+    """
+    first = weights[idx[0]]
+    out = torch.empty((len(idx), *first.shape), dtype=dtype, device=first.device)
+    for j, i in enumerate(idx):
+        out[j].copy_(weights[i].detach())
+    return out
 
 
 def _gram_svdvals(stack: torch.Tensor) -> torch.Tensor:
