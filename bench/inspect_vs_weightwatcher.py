@@ -36,11 +36,11 @@ import torch
 
 from rankwise.engine.threads import torch_threads
 from rankwise.inspection.api import InspectConfig, inspect
-from rankwise.io.atomic import atomic_file
 from rankwise.io.models import load_model
 from rankwise.surgery import find_targets
 
-RESULTS = Path(__file__).resolve().parent / "results" / "inspect_vs_weightwatcher.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
 
 
 def bare_svdvals_batched(weights: list[torch.Tensor]) -> float:
@@ -109,7 +109,6 @@ def main() -> int:
     ap.add_argument("--ww-default-threads", action="store_true",
                     help="also time WeightWatcher with its library-default threads (what a plain `analyze()` gets)")
     ap.add_argument("--skip-loop", action="store_true", help="skip the one-svdvals-per-matrix timing")
-    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
 
     model = load_model(args.model)
@@ -133,6 +132,15 @@ def main() -> int:
     t0 = time.perf_counter()
     report_svd = inspect(model, cfg_svd)
     rw_svd_time = time.perf_counter() - t0
+    from rankwise.io.models import resolve_model
+
+    folder = resolve_model(args.model)  # streamed from its safetensors: read included, model never built
+    t0 = time.perf_counter()
+    report_stream = inspect(folder, InspectConfig(progress=False, threads=args.threads, stream=True))
+    rw_stream_time = time.perf_counter() - t0
+    stream_same = [r["name"] for r in report_stream.matrices] == [r["name"] for r in report.matrices] and all(
+        math.isclose(a["stable_rank"], b["stable_rank"], rel_tol=1e-9)
+        for a, b in zip(report_stream.matrices, report.matrices))
 
     ww_time, ww_rows = run_weightwatcher(model, names, args.threads)
     ww_default_time = run_weightwatcher(model, names, None)[0] if args.ww_default_threads else None
@@ -167,6 +175,7 @@ def main() -> int:
             "bare_svdvals_loop": svd_loop,
             "rankwise_inspect": rw_time,
             "rankwise_inspect_svd": rw_svd_time,
+            "rankwise_inspect_streamed_from_folder": rw_stream_time,
             "weightwatcher_analyze": ww_time,
             "weightwatcher_analyze_default_threads": ww_default_time,
         },
@@ -186,6 +195,7 @@ def main() -> int:
             "max_rel_delta_stable_rank": max(sr_rel) if sr_rel else None,
             "frac_stable_rank_within_1e-4": float(np.mean(np.array(sr_rel) <= 1e-4)) if sr_rel else None,
         },
+        "streamed_equals_in_memory": stream_same,
         "goals": {},
         "per_matrix": per_matrix,
     }
@@ -195,9 +205,7 @@ def main() -> int:
     g["median_abs_delta_alpha_le_0.05"] = bool(d_alpha) and statistics.median(d_alpha) <= 0.05
     g["stable_rank_equal_1e-4"] = bool(sr_rel) and max(sr_rel) <= 1e-4
 
-    with atomic_file(args.out) as fh:
-        json.dump(result, fh, indent=2)
-        fh.write("\n")
+    out_path = write_result("inspect_vs_weightwatcher", result)
 
     s, a = result["seconds"], result["agreement"]
     lines = [
@@ -210,6 +218,7 @@ def main() -> int:
     lines += [
         f"| rankwise inspect (Gram spectra, all metrics) | {rw_time:.2f} s |",
         f"| rankwise inspect --spectrum svd | {rw_svd_time:.2f} s |",
+        f"| rankwise inspect FOLDER, streamed (reading included) | {rw_stream_time:.2f} s |",
         f"| WeightWatcher 0.7.7 analyze (same matrices) | {ww_time:.2f} s |",
         *([f"| WeightWatcher analyze, library-default threads | {ww_default_time:.2f} s |"]
           if ww_default_time is not None else []),
@@ -223,7 +232,7 @@ def main() -> int:
     ]
     print("\n".join(lines))
     print(f"goals: {json.dumps(g)}")
-    print(f"wrote {args.out}", file=sys.stderr)
+    print(f"wrote {out_path}", file=sys.stderr)
     return 0
 
 
