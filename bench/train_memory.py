@@ -40,13 +40,13 @@ from typing import Any
 import psutil
 import torch
 
+from _peers import galore_torch_adamw  # bench/_peers.py (run as python bench/train_memory.py)
 from rankwise.evaluation.perplexity import perplexity
 from rankwise.io.atomic import atomic_file
 from rankwise.io.models import load_tokenizer, resolve_model
 from rankwise.io.texts import load_text
 from rankwise.train import TRP, Cuttlefish, GaLoreAdamW, galore_param_groups, optimizer_state_bytes
 from rankwise.train.loop import train_loop, training_windows
-from rankwise.train.peers import galore_torch_adamw
 
 OPTIMIZERS = ["adamw", "galore-torch", "rw-svd", "rw-randomized", "rw-dct", "rw-fira"]
 CALLBACKS = ["adamw+trp", "adamw+cuttlefish"]

@@ -13,6 +13,18 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from rankwise.errors import RankwiseError
 from rankwise.train import GaLoreAdamW, galore_param_groups, optimizer_state_bytes
 
+
+def _bench_peers():
+    """bench/_peers.py (peer loaders live with the benchmarks, outside the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "_peers.py"
+    spec = importlib.util.spec_from_file_location("_rankwise_bench_peers", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = {
@@ -126,9 +138,7 @@ def test_matches_galore_torch_step_for_step() -> None:
 
     if importlib.util.find_spec("galore_torch") is None:
         pytest.skip("galore-torch (the bench extra) is not installed")
-    from rankwise.train.peers import galore_torch_adamw
-
-    PeerAdamW = galore_torch_adamw()
+    PeerAdamW = _bench_peers().galore_torch_adamw()
     torch.manual_seed(0)
     shapes = [(24, 40), (40, 24), (32, 32)]
     init = [torch.randn(*s) for s in shapes] + [torch.randn(16)]

@@ -8,13 +8,40 @@
 * :class:`TRP`, :class:`Cuttlefish`: callbacks for HF ``Trainer`` or a plain loop.
 * :func:`optimizer_state_bytes`: optimizer-state memory counted from the tensors.
 * :func:`train_loop`, :func:`training_windows`: the loop ``rankwise train`` runs.
+* :class:`TrainRunConfig`: the ``rankwise train`` run (CLI options come from it);
+  :mod:`rankwise.train.config` ``OPTIMIZERS``, ``CALLBACKS``, ``PROJECTIONS``: the registries of names.
 """
 
-from rankwise.train.callbacks import TRP, Cuttlefish, replace_in_optimizer
-from rankwise.train.galore import GaLoreAdamW, GaLoreFactory, galore_param_groups
-from rankwise.train.loop import TrainResult, train_loop, training_windows
-from rankwise.train.memory import StateMemory, optimizer_state_bytes
-from rankwise.train.projector import Projector, dct_basis
+from typing import TYPE_CHECKING, Any
+
+# Imported on first use (PEP 562), so ``rankwise.train.config`` (and ``rankwise train --help``) loads no torch.
+_WHERE = {
+    "TRP": "callbacks", "Cuttlefish": "callbacks", "replace_in_optimizer": "callbacks",
+    "GaLoreAdamW": "galore", "GaLoreFactory": "galore", "galore_param_groups": "galore",
+    "TrainResult": "loop", "train_loop": "loop", "training_windows": "loop",
+    "StateMemory": "memory", "optimizer_state_bytes": "memory",
+    "Projector": "projector", "dct_basis": "projector",
+    "TrainRunConfig": "config",
+}
+
+if TYPE_CHECKING:
+    from rankwise.train.callbacks import TRP, Cuttlefish, replace_in_optimizer
+    from rankwise.train.config import TrainRunConfig
+    from rankwise.train.galore import GaLoreAdamW, GaLoreFactory, galore_param_groups
+    from rankwise.train.loop import TrainResult, train_loop, training_windows
+    from rankwise.train.memory import StateMemory, optimizer_state_bytes
+    from rankwise.train.projector import Projector, dct_basis
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'rankwise.train' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"rankwise.train.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "TRP",
@@ -24,6 +51,7 @@ __all__ = [
     "Projector",
     "StateMemory",
     "TrainResult",
+    "TrainRunConfig",
     "dct_basis",
     "galore_param_groups",
     "optimizer_state_bytes",

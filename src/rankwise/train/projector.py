@@ -33,8 +33,8 @@ import torch
 from rankwise.engine.linalg import orthonormal_basis
 from rankwise.engine.svd import thin_svd
 from rankwise.errors import RankwiseError
+from rankwise.train.config import PROJECTIONS  # the one list of projection names (a Registry)
 
-PROJECTIONS = ("svd", "randomized", "dct")
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
 _DCT_CACHE: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}

@@ -1,4 +1,4 @@
-"""Access to peer implementations used by tests and benchmarks (optional dependencies).
+"""Access to peer implementations used by tests and benchmarks (optional dependencies; kept out of the package).
 
 ``galore-torch==1.0``'s ``__init__`` imports its 8-bit optimiser, which needs
 ``bitsandbytes`` (a CUDA library). :func:`galore_torch_adamw` loads only the
