@@ -1,6 +1,7 @@
 """The rankwise/2 checkpoint on a real model: save, load through transformers, refusal without rankwise.
 
-SmolLM2-135M is factorised data-free (``svd`` + ``uniform`` at ratio 0.2, fast and deterministic),
+SmolLM2-135M has every target matrix replaced by its rank-64 truncated SVD (randomized, data-free: the point
+here is the format, not the quality),
 saved sharded with ``rankwise.save(max_shard_size=...)``, then loaded three ways in this process:
 ``rankwise.load`` (validation + sha256 + from_pretrained), bare ``AutoModelForCausalLM.from_pretrained``
 and ``rankwise.load(device_map="auto")``; logits on 4×128 PTB-test tokens are compared with the
@@ -44,19 +45,21 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     import rankwise
-    from rankwise.compression.api import CompressConfig
-    from rankwise.io.tokens import eval_windows, sample_windows
-    from rankwise.surgery import LowRankLinear
+    from rankwise.io.checkpoint import mark_factorised
+    from rankwise.io.tokens import eval_windows
+    from rankwise.surgery import LowRankLinear, find_targets, set_module
 
     info = run_info()
     model = rankwise.load_model("smollm2-135m")
     tok = rankwise.load_tokenizer("smollm2-135m")
     ids = eval_windows(tok, rankwise.load_text("ptb", "test"), seq_len=128, max_tokens=512)
-    calib = sample_windows(tok, rankwise.load_text("ptb", "train"), n_samples=4, seq_len=128)
-    rankwise.compress(model, CompressConfig(ratio=0.2, method="svd", alloc="uniform", sequential=False), calib=calib)
+    for t in find_targets(model):
+        set_module(model, t.name, LowRankLinear.from_linear(t.module, 64, svd="randomized", niter=1))
+    mark_factorised(model)
     with torch.no_grad():
         ref = model(ids).logits
-    out: dict = {"model": "smollm2-135m", "compress": "svd + uniform, ratio 0.2", "max_shard_size": args.shard,
+    out: dict = {"model": "smollm2-135m", "factorised": "every target at rank 64 (randomized SVD)",
+                 "max_shard_size": args.shard,
                  "factorised_layers": sum(isinstance(m, LowRankLinear) for m in model.modules())}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "ck"
