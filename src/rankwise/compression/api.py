@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from rankwise.compression.allocation import ALLOCATORS, NEEDS_SPECTRA, allocate, check_reachable
+from rankwise.compression.allocation.greedy import NORMALISATIONS
 from rankwise.compression.calibration.loops import CalibInfo, text_windows, windows_forward_loop
 from rankwise.compression.calibration.sensitivity import OutputGradMeter, frozen, output_sensitivity
 from rankwise.compression.calibration.stats import LayerStats, StatsCollector
@@ -72,7 +73,7 @@ class CompressConfig:
     shrink_target: str = _f("diag", "whiten: shrink toward diag(XᵀX) or a scaled identity",
                             choices=("diag", "identity"))
     alloc_norm: str = _f("none", "global allocation: normalisation of each matrix's σ²",
-                         choices=("none", "total", "log"))
+                         choices=NORMALISATIONS)
     alloc_sensitivity: str = _f("fisher", "global allocation: weight each matrix's σ² by its mean squared output "
                                 "gradient (loss units, from the first --sens-samples calibration windows)",
                                 choices=("none", "fisher"))

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from rankwise._lazy import attach
 
+# The engine's method names (torch-free, so config dataclasses and CLI choices take them from here).
+SPECTRUM_METHODS = ("gram", "svd")  # batched_spectra: float64 Gram eigenvalues, or svdvals
+SVD_METHODS = ("exact", "randomized")  # truncated_svd: LAPACK, or seeded torch.svd_lowrank
+
 _LAZY: dict[str, str] = {
     "break_even_rank": "rankwise.engine.metrics",
     "condition_number": "rankwise.engine.metrics",
@@ -29,6 +33,6 @@ _LAZY: dict[str, str] = {
     "inverse_sqrt_factor": "rankwise.engine.whitening",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = sorted([*_LAZY, "SPECTRUM_METHODS", "SVD_METHODS"])
 
 __getattr__, __dir__ = attach(__name__, _LAZY)

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from rankwise.engine import SPECTRUM_METHODS, SVD_METHODS
+
 _MIN_DTYPE = torch.float32
 
 
@@ -51,8 +53,8 @@ def spectra(
     CPU, and float64 keeps the small singular values at least as accurate as a
     float32 SVD (relative error ~1e-16·σ₁²/σᵢ² on σᵢ²).
     """
-    if method not in ("svd", "gram"):
-        raise ValueError(f"unknown spectrum method {method!r}; use 'svd' or 'gram'")
+    if method not in SPECTRUM_METHODS:
+        raise ValueError(f"unknown spectrum method {method!r}; use one of {', '.join(SPECTRUM_METHODS)}")
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, w in enumerate(weights):
         groups[tuple(w.shape)].append(i)
@@ -137,4 +139,4 @@ def truncated_svd(
                 torch.manual_seed(seed)
                 u, s, v = torch.svd_lowrank(x, q=q, niter=niter)
         return u[:, :rank], s[:rank], v[:, :rank]
-    raise ValueError(f"unknown SVD method {method!r}; use 'exact' or 'randomized'")
+    raise ValueError(f"unknown SVD method {method!r}; use one of {', '.join(SVD_METHODS)}")

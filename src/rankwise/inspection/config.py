@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rankwise.config import check_numbers
+from rankwise.engine import SPECTRUM_METHODS
 from rankwise.engine.device import DTYPE_CHOICES, check_device, check_dtype  # torch-free checks
 from rankwise.errors import RankwiseError, check_ratio
 
@@ -68,7 +69,7 @@ class InspectConfig:
     progress: bool = field(default=True, metadata={"cli": False})
     keep_spectra: bool = field(default=True, metadata={"cli": False})
     spectrum_method: str = field(default="gram", metadata={
-        "cli": "--spectrum", "choices": ("gram", "svd"),
+        "cli": "--spectrum", "choices": SPECTRUM_METHODS,
         "help": "how singular values are computed: float64 Gram eigenvalues (fast) or float32 svdvals"})
     threads: int | None = field(default=1, metadata={
         "help": "torch threads for the decompositions (1 is robust on busy machines; 0 = torch's default)"})
@@ -109,8 +110,9 @@ class InspectConfig:
             raise RankwiseError(f"farms_side must be at least 1, got {self.farms_side}.")
         if self.max_batch_bytes < 0:
             raise RankwiseError(f"max_batch_bytes must be 0 or more, got {self.max_batch_bytes}.")
-        if self.spectrum_method not in ("gram", "svd"):
-            raise RankwiseError(f"spectrum_method must be 'gram' or 'svd', got {self.spectrum_method!r}.")
+        if self.spectrum_method not in SPECTRUM_METHODS:
+            raise RankwiseError(f"spectrum_method must be one of {', '.join(SPECTRUM_METHODS)}, "
+                                f"got {self.spectrum_method!r}.")
         if not 0.0 <= float(self.min_saving) < 1.0:
             raise RankwiseError(f"min_saving must lie in [0, 1), got {self.min_saving}.")
         self.device = check_device(self.device)

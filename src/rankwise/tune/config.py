@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from rankwise.config import check_numbers
+from rankwise.engine import SVD_METHODS
 from rankwise.errors import RankwiseError
 
 DEFAULT_RANK = 8
@@ -65,7 +66,7 @@ class AdapterConfig:
     exclude: str | None = field(default=None, metadata={"help": "regex of module names to leave alone"})
     modules_to_save: str | None = field(default=None, metadata={"cli": False})
     dropout: float = field(default=0.0, metadata={"help": "adapter dropout"})
-    svd: str = field(default="exact", metadata={"help": "initial SVDs", "choices": ("exact", "randomized")})
+    svd: str = field(default="exact", metadata={"help": "initial SVDs", "choices": SVD_METHODS})
     svd_iters: int = field(default=2, metadata={"help": "power iterations of the randomized SVD"})
     energy: float = field(default=0.99, metadata={"help": "svfit: energy fraction that sets the rank"})
     lora_rank: int | None = field(default=None, metadata={"help": "salt / heal --heal-mode lora: rank of the "
@@ -126,8 +127,8 @@ class AdapterConfig:
             raise RankwiseError(f"--eval-rank applies to dylora only (method is {self.method}).")
         if self.alpha is not None and not float(self.alpha) > 0:
             raise RankwiseError(f"alpha must be positive, got {self.alpha!r}; e.g. --alpha 16.")
-        if self.svd not in ("exact", "randomized"):
-            raise RankwiseError(f"svd must be 'exact' or 'randomized', got {self.svd!r}.")
+        if self.svd not in SVD_METHODS:
+            raise RankwiseError(f"svd must be one of {', '.join(SVD_METHODS)}, got {self.svd!r}.")
         if self.svd_iters < 0:
             raise RankwiseError(f"svd_iters must be >= 0, got {self.svd_iters}.")
         if not 0.0 < self.energy <= 1.0:
