@@ -104,12 +104,37 @@ class StreamSource:
         return None
 
     def release(self) -> None:
-        """Close the open shard files between batches (nothing of a finished batch stays mapped)."""
+        """Between batches: close the open shard files and hand the freed heap back to the OS.
+
+        Without the trim, glibc keeps the freed float64 copies and Gram matrices of earlier batches
+        (different sizes fragment its heap) and the resident set grows with the number of batches
+        although nothing is alive; measured: 267 MB → 493 MB peak RSS from 4 to 8 Llama-shaped layers.
+        """
         self.reader.close()
+        _trim_heap()
 
     def _read(self, key: str) -> torch.Tensor:
         self.n_tensors += 1
         return self.reader.get(key)  # damaged data: CheckpointReader raises a one-line RankwiseError
+
+
+def _trim_heap() -> None:
+    """``malloc_trim(0)`` on glibc (no-op elsewhere): return freed heap pages to the OS."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018  (not every libc has it)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def _locate(t: Target, keys: set[str], prefix: str, reader, folder: Path) -> tuple[str, tuple[str, ...], bool]:
