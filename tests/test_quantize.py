@@ -248,7 +248,8 @@ def test_quantize_lowrank_factors(tmp_path):
 @pytest.mark.parametrize(("kw", "msg"), [
     ({"bits": 5}, "--bits must be one of 2, 3, 4, 8"),
     ({"bits": 4.0}, "--bits must be one of"),
-    ({"group_size": 0}, "--group-size must be a positive"),
+    ({"group_size": 0}, "--group-size must be at least 1, got 0"),
+    ({"calib_samples": "8"}, "calib_samples \\(--calib-samples\\) must be a whole number"),
     ({"eora_rank": 0}, "--eora-rank must be a positive"),
     ({"eora_rank": -3}, "--eora-rank must be a positive"),
     ({"method": "awq"}, "awq"),

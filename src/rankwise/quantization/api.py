@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rankwise.config import check_int, check_numbers
 from rankwise.errors import RankwiseError
 from rankwise.progress import progress as progress_bar
 from rankwise.quantization.gptq import gptq
@@ -41,12 +42,6 @@ METHODS: Registry[Callable[..., QuantizedWeight]] = Registry("quantisation metho
 METHODS.register("rtn", lambda w, xtx, c: rtn(w, c.bits, c.group_size))
 METHODS.register("gptq", lambda w, xtx, c: gptq(w, xtx, c.bits, c.group_size, damp=c.damp))
 _NEEDS_DATA = {"gptq"}
-
-
-def _positive_int(value: Any, flag: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RankwiseError(f"{flag} must be a positive whole number, got {value!r}.")
-    return value
 
 
 @dataclass
@@ -76,18 +71,19 @@ class QuantizeConfig:
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
-        _positive_int(self.group_size, "--group-size")
+        check_numbers(self)  # the API bypasses the CLI's parsing: whole 64-bit ints (no str/bool), finite floats
+        check_int(self.group_size, "--group-size", minimum=1)
         METHODS.check(self.method)
         if self.eora_rank is not None:
             if isinstance(self.eora_rank, bool) or not isinstance(self.eora_rank, int) or self.eora_rank <= 0:
                 raise RankwiseError(f"--eora-rank must be a positive whole number (leave it out for no EoRA), "
                                     f"got {self.eora_rank!r}.")
-        _positive_int(self.calib_samples, "--calib-samples")
+        check_int(self.calib_samples, "--calib-samples", minimum=1)
         if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise RankwiseError(f"--seq-len must be a whole number ≥ 2, got {self.seq_len!r}.")
         if not isinstance(self.damp, (int, float)) or not math.isfinite(self.damp) or not 0 < self.damp < 1:
             raise RankwiseError(f"--damp must lie in (0, 1), got {self.damp!r}.")
-        _positive_int(self.batch_size, "batch_size")
+        check_int(self.batch_size, "batch_size", minimum=1)
 
     def to_dict(self) -> dict:
         return asdict(self)
