@@ -21,6 +21,7 @@ import torch
 import fuzz_fixtures as fx
 import rankwise
 from rankwise.errors import RankwiseError
+from rankwise.io.models import check_finite
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -192,7 +193,7 @@ def test_load_hostile_checkpoint(case, fixtures, tmp_path):
     d = case.make(fixtures, tmp_path / "ckpt")
     with pytest.raises(RankwiseError) as info:
         model = rankwise.load(d)
-        rankwise.io.models.check_finite(model, d)  # what every verb does after loading
+        check_finite(model, d)  # what every verb does after loading
     one_line(info)
 
 
