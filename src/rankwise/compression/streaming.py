@@ -106,6 +106,8 @@ class _Materialiser:
                 raise RankwiseError(f"tensor {key} in {self.reader.folder} has shape {list(value.shape)} but the "
                                     f"config implies {list(p.shape)}; the checkpoint does not match its config.json.")
             dt = self.dtype if value.is_floating_point() else value.dtype
+            if dt == value.dtype and self.device.type == "cpu":
+                value = value.clone()  # own memory, not pages of the file mapping (they would stay resident)
             set_module_tensor_to_device(module, name, self.device, value=value, dtype=dt)
             module.get_parameter(name).requires_grad_(False)
         for name, b in list(module.named_buffers(recurse=True)):
@@ -114,6 +116,7 @@ class _Materialiser:
                 if key is None:
                     raise RankwiseError(f"the checkpoint {self.reader.folder} has no tensor for buffer {pre + name}.")
                 set_module_tensor_to_device(module, name, self.device, value=self.reader.get(key))
+        self.reader.close()  # unmap the shard files: pages read for this block must not stay in the process
 
     @staticmethod
     def release(module: nn.Module) -> None:
