@@ -62,6 +62,17 @@ def peft_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
 
 
+def _eva_layer_inputs(layer_input, model_input, layer_name):
+    """PEFT's EVA input selection, plus pooled 2-D inputs (BERT's pooler sees one vector per sequence,
+    which PEFT's language-modelling default cannot index with the token mask)."""
+    from peft.tuners.lora.eva import prepare_layer_inputs_fn_language_modeling
+
+    x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
+    if x.dim() == 2:
+        return x.contiguous()  # PEFT hashes it with .view(-1)
+    return prepare_layer_inputs_fn_language_modeling(layer_input, model_input, layer_name)
+
+
 @dataclass(frozen=True)
 class PeftMethod:
     """How one PEFT-backed method is configured, initialised and saved.
@@ -159,7 +170,8 @@ class PeftMethod:
             from peft import initialize_lora_eva_weights
 
             moved = [{k: v.to(device) for k, v in b.items() if k != "labels"} for b in batches]
-            initialize_lora_eva_weights(pm, moved, show_progress_bar=progress)
+            initialize_lora_eva_weights(pm, moved, prepare_layer_inputs_fn=_eva_layer_inputs,
+                                        show_progress_bar=progress)
         init_dir = None
         if self.converts:
             # PEFT's recipe for a LoRA on the original weights: keep the initial adapter, saved as plain LoRA
