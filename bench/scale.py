@@ -126,9 +126,44 @@ def perplexity(folder: Path, work: Path, name: str) -> float:
     return float(data["models"][0]["perplexity"]["ptb"]) if "models" in data else float(data["perplexity"]["ptb"])
 
 
+def goals(depth: list[dict]) -> dict | None:
+    """The depth goals from the 4- and 16-layer rows (None without both)."""
+    d = {row["layers"]: row for row in depth}
+    if 4 not in d or 16 not in d:
+        return None
+    per_layer_fp32 = (d[16]["fp32_bytes"] - d[4]["fp32_bytes"]) / 12
+    extra = d[16]["peak_rss_bytes"] - d[4]["peak_rss_bytes"]
+    return {
+        "extra_12_layers_over_their_fp32": extra / (12 * per_layer_fp32),
+        "flat_in_depth_met": extra <= 0.15 * 12 * per_layer_fp32,
+        "peak16_over_fp32": d[16]["rss_over_fp32"],
+        "peak16_met": d[16]["rss_over_fp32"] <= 0.6,
+    }
+
+
+def merge(names: list[str]) -> None:
+    """Combine part results (run side by side, e.g. one process per depth) into bench/results/scale.json."""
+    from _common import RESULTS
+
+    parts = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
+    out = {"run": parts[0]["run"], "parts": {n: p["run"] for n, p in zip(names, parts)},
+           "shape": SHAPE, "calibration": parts[0]["calibration"],
+           "depth": sorted((r for p in parts for r in p["depth"]), key=lambda r: r["layers"]),
+           "smollm2": next((p["smollm2"] for p in parts if p.get("smollm2")), None),
+           "gpu": next((p["gpu"] for p in parts if p.get("gpu")), None)}
+    out["goals"] = goals(out["depth"])
+    write_result("scale", out)
+    for r in out["depth"]:
+        print(f"{r['layers']:>3} layers  fp32 {r['fp32_bytes'] / 2**30:5.2f} GiB  peak RSS "
+              f"{r['peak_rss_bytes'] / 2**30:5.2f} GiB ({r['rss_over_fp32']:.2f}× fp32)  {r['seconds']:6.0f} s")
+    print(json.dumps({"goals": out["goals"], "smollm2": out["smollm2"]}, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--layers", type=int, nargs="*", default=[4, 8, 16])
+    ap.add_argument("--name", default="scale", help="result name (bench/results/NAME.json), for runs split in parts")
+    ap.add_argument("--merge", nargs="+", metavar="NAME", help="merge part results into scale.json and stop")
     ap.add_argument("--calib-samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
@@ -136,6 +171,9 @@ def main() -> None:
     ap.add_argument("--skip-old", action="store_true", help="do not run the pre-streaming pipeline side by side")
     ap.add_argument("--old", default="deb9b95", help="commit of the pipeline to compare against")
     args = ap.parse_args()
+    if args.merge:
+        merge(args.merge)
+        return
     info = run_info()
     work = Path(tempfile.mkdtemp(prefix="rankwise-scale-"))
     threads = {"OMP_NUM_THREADS": str(args.threads)}
@@ -158,16 +196,8 @@ def main() -> None:
                   f"peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB ({row['rss_over_fp32']:.2f}× fp32)  "
                   f"{r['seconds']:6.0f} s", flush=True)
             shutil.rmtree(work / f"L{n}", ignore_errors=True)
-        d = {row["layers"]: row for row in result["depth"]}
-        if 4 in d and 16 in d:
-            per_layer_fp32 = (d[16]["fp32_bytes"] - d[4]["fp32_bytes"]) / 12
-            extra = d[16]["peak_rss_bytes"] - d[4]["peak_rss_bytes"]
-            result["goals"] = {
-                "extra_12_layers_over_their_fp32": extra / (12 * per_layer_fp32),
-                "flat_in_depth_met": extra <= 0.15 * 12 * per_layer_fp32,
-                "peak16_over_fp32": d[16]["rss_over_fp32"],
-                "peak16_met": d[16]["rss_over_fp32"] <= 0.6,
-            }
+            write_result(args.name, result)  # after every run: a long benchmark keeps what it measured
+        result["goals"] = goals(result["depth"])
         # 2. SmolLM2, default pipeline, against the old pipeline side by side
         if not args.skip_smollm:
             from rankwise.io.models import resolve_model
@@ -202,6 +232,7 @@ def main() -> None:
                       f"time new/old {sm['time_ratio_new_over_old']:.2f}", flush=True)
             sm["rss_goal_met"] = sm["streamed"]["rss_over_fp32"] <= 1.5
             result["smollm2"] = sm
+            write_result(args.name, result)
         # 3. GPU
         if not torch.cuda.is_available():
             result["gpu"] = "skipped: no CUDA"
@@ -230,8 +261,8 @@ def main() -> None:
             result["gpu"] = gpu
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    write_result("scale", result)
-    if "goals" in result:
+    write_result(args.name, result)
+    if result.get("goals"):
         print(json.dumps(result["goals"], indent=2))
 
 
