@@ -43,6 +43,13 @@ bench: $(VENV)/.rankwise-bench
 	$(PY) bench/compress_speed.py
 	$(PY) bench/tune_quality.py
 	$(PY) bench/train_memory.py
+	$(PY) bench/train_fsdp.py
+	$(PY) bench/scale.py
+	$(PY) bench/scale_distributed.py
+	$(PY) bench/inspect_stream.py
+	$(PY) bench/checkpoint_roundtrip.py
+	$(PY) bench/quantize.py
+	$(PY) bench/import_cost.py
 
 # Render the HTML report in headless Chromium and save a screenshot (needs `apt-get install chromium`).
 html-check: $(STAMP)

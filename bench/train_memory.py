@@ -32,15 +32,14 @@ import json
 import os
 import platform
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
 from _peers import galore_torch_adamw  # bench/_peers.py (run as python bench/train_memory.py)
+from rankwise.evaluation.memory import PeakMemory
 from rankwise.evaluation.perplexity import perplexity
 from rankwise.io.atomic import atomic_file
 from rankwise.io.models import load_tokenizer, resolve_model
@@ -50,32 +49,6 @@ from rankwise.train.loop import train_loop, training_windows
 
 OPTIMIZERS = ["adamw", "galore-torch", "rw-svd", "rw-randomized", "rw-dct", "rw-fira"]
 CALLBACKS = ["adamw+trp", "adamw+cuttlefish"]
-
-
-class PeakRSS:
-    """Samples this process's RSS in a thread; ``peak`` is the maximum seen while running."""
-
-    def __init__(self, interval: float = 0.05) -> None:
-        self.proc = psutil.Process()
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self.peak = self.proc.memory_info().rss
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
 def release_memory() -> None:
@@ -146,7 +119,7 @@ def run_one(name: str, config: Any, tok: Any, windows: torch.Tensor, test_text: 
     elif name.endswith("+cuttlefish"):
         callbacks = [Cuttlefish(check_every=args.cf_check_every, tol=args.cf_tol, patience=2)]
     peer_timer = PeerRefreshTimer() if name == "galore-torch" else None
-    rss = PeakRSS()
+    rss = PeakMemory(interval_s=0.05)
     t0 = time.perf_counter()
     with rss:
         if peer_timer is not None:
@@ -167,7 +140,7 @@ def run_one(name: str, config: Any, tok: Any, windows: torch.Tensor, test_text: 
         "state_bytes_plain": mem.plain,
         "state_bytes_logical": mem.logical,
         "state_bytes_logical_projected": mem.logical_projected,
-        "peak_rss_bytes": rss.peak,
+        "peak_rss_bytes": rss.peak_bytes,
         "seconds_per_step": result.seconds_per_step,
         "train_seconds": wall,
         "refresh_seconds_total": sum(refresh) if refresh else None,

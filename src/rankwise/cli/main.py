@@ -74,9 +74,20 @@ def _quiet_scope(on: bool) -> Iterator[None]:
     was_quiet = console.quiet
     set_quiet(True)
     console.quiet = True
+    # transformers' own bars ("Loading weights") pass disable= explicitly, so TQDM_DISABLE does not reach
+    # them; every quiet verb loads a model anyway, so importing transformers here costs nothing extra
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        hf_logging = None
+    hf_bars = hf_logging is not None and hf_logging.is_progress_bar_enabled()
+    if hf_bars:
+        hf_logging.disable_progress_bar()
     try:
         yield
     finally:
+        if hf_bars:
+            hf_logging.enable_progress_bar()
         console.quiet = was_quiet
         for k, v in saved.items():
             if v is None:
