@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -105,6 +106,20 @@ def _open(model: Any, cfg: InspectConfig, notes: list[str], include_heads: bool 
                        include_heads=include_heads, notes=notes.append)
 
 
+def _compare_model(model: Any, compare: Any, notes: list[str]) -> Any:
+    """``compare`` as given, or, for a PEFT adapter folder, a copy of the base with the adapter merged in."""
+    if isinstance(compare, nn.Module) or not (Path(str(compare)).expanduser() / "adapter_config.json").is_file():
+        return compare
+    import copy
+
+    from rankwise.io.models import load_model
+    from rankwise.tune.peft_backend import load_peft_adapter
+
+    base = model if isinstance(model, nn.Module) else load_model(model)
+    notes.append(f"--compare {compare} is an adapter folder: compared as its base with the adapter merged")
+    return load_peft_adapter(copy.deepcopy(base), compare)
+
+
 def _inspect(
     model: str | os.PathLike | nn.Module | None,
     cfg: InspectConfig,
@@ -120,7 +135,7 @@ def _inspect(
     tuned: Source | None = None
     tuned_index: list[int] = []
     if cfg.compare is not None:
-        tuned = _open(cfg.compare, cfg, notes, include_heads=True)
+        tuned = _open(_compare_model(model, cfg.compare, notes), cfg, notes, include_heads=True)
         by_name = {r.name: i for i, r in enumerate(tuned.refs)}
         for r in src.refs:
             j = by_name.get(r.name)
