@@ -37,18 +37,28 @@ def cholesky_factor(
     eigendecomposition with eigenvalues clamped at ``jitter``·mean(diag) and
     warns naming ``name``.
     """
+    # Memory: at most two n×n float64 matrices at a time beside the caller's C (the symmetrised copy and L,
+    # then L and its inverse): the jitter goes onto the diagonal in place and L⁻¹ overwrites the identity.
+    # For a 14336-wide down_proj that is 3.3 GB instead of the 8 GB an eye + jittered copy + solve would take.
     C = C.detach().to(torch.float64)
-    C = 0.5 * (C + C.T)
-    n = C.shape[0]
-    scale = float(torch.diagonal(C).mean().clamp_min(1e-30))
-    eye = torch.eye(n, dtype=torch.float64, device=C.device)
-    eps = 0.0
+    sym = C + C.T
+    sym.mul_(0.5)
+    diag = sym.diagonal()
+    scale = float(diag.mean().clamp_min(1e-30))
+    eps = applied = 0.0
     for t in range(max_tries):
-        L, info = torch.linalg.cholesky_ex(C + eps * scale * eye)
+        diag.add_((eps - applied) * scale)
+        applied = eps
+        L, info = torch.linalg.cholesky_ex(sym)
         if int(info) == 0 and bool(torch.isfinite(L).all()):
-            L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
+            del sym, diag
+            eye = torch.eye(L.shape[0], dtype=torch.float64, device=L.device)
+            L_inv = torch.linalg.solve_triangular(L, eye, upper=False, out=eye)
             return WhiteningFactor(S=L, S_inv=L_inv, method="cholesky", jitter=eps)
+        del L
         eps = jitter * (10**t)
+    diag.sub_(applied * scale)
+    C = sym
     if warn:
         warnings.warn(
             f"input statistics of {name} are singular or indefinite; using a clamped "
