@@ -185,8 +185,8 @@ def _default_tokenizer(model: nn.Module, why: str = "text calibration"):
 def _check_windows(model: nn.Module, ids: torch.Tensor) -> None:
     """Token windows must be a non-empty 2-D integer tensor of ids inside the model's vocabulary."""
     if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
-        raise RankwiseError(f"calib token windows must be a non-empty (windows, seq_len) tensor, got shape "
-                            f"{tuple(ids.shape)}.")
+        raise RankwiseError(f"calib token windows must be a non-empty 2-D LongTensor (windows × seq_len), got "
+                            f"shape {tuple(ids.shape)}.")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise RankwiseError(f"calib token windows must hold integer ids, got {ids.dtype}.")
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
