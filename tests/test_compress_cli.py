@@ -6,30 +6,18 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import rankwise
 from rankwise.cli.main import main
+from tiny_models import ptb_word_tokenizer, tiny_llama_config
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from rankwise.io.texts import load_text
-
-    words = load_text("ptb", "train")[:200_000].split()
-    vocab = {"<unk>": 0, "<s>": 1}
-    for w in words:
-        if w not in vocab and len(vocab) < 256:
-            vocab[w] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>")
+    tok = ptb_word_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                      num_hidden_layers=2, vocab_size=256, max_position_embeddings=128, bos_token_id=1,
-                      eos_token_id=1, tie_word_embeddings=True)
+    cfg = tiny_llama_config()
     model = LlamaForCausalLM(cfg)
     d = tmp_path_factory.mktemp("tiny") / "model"
     model.save_pretrained(str(d))

@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from rankwise.compression.calibration.stats import LayerStats
 from rankwise.compression.distributed import Dist
 from rankwise.errors import RankwiseError
+from tiny_models import ptb_word_tokenizer, tiny_llama_config
 
 
 def _free_port() -> int:
@@ -247,22 +248,11 @@ def test_compress_two_processes_equals_one(two, one_torch_thread):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM
 
-    from rankwise.io.texts import load_text
-
-    vocab = {"<unk>": 0, "<s>": 1}
-    for w in load_text("ptb", "train")[:100_000].split():
-        if w not in vocab and len(vocab) < 256:
-            vocab[w] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>")
+    tok = ptb_word_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                      num_hidden_layers=2, vocab_size=256, max_position_embeddings=128, bos_token_id=1,
-                      eos_token_id=1, tie_word_embeddings=True)
+    cfg = tiny_llama_config()
     d = tmp_path_factory.mktemp("tiny") / "model"
     LlamaForCausalLM(cfg).save_pretrained(str(d))
     tok.save_pretrained(str(d))

@@ -1,0 +1,32 @@
+"""Tiny real-format models for CLI tests: a word-level PTB tokenizer and a 2-layer Llama config.
+
+One copy for the test files that write a tiny checkpoint folder (compress, quantize, distributed):
+tokenising all of PTB with SmolLM2's tokenizer is slow, a 256-word vocabulary is enough.
+"""
+
+from __future__ import annotations
+
+
+def ptb_word_tokenizer(vocab_size: int = 256):
+    """A word-level tokenizer over the first distinct words of PTB train (<unk> = 0, <s> = 1 = BOS)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from rankwise.io.texts import load_text
+
+    vocab = {"<unk>": 0, "<s>": 1}
+    for w in load_text("ptb", "train")[:100_000].split():
+        if w not in vocab and len(vocab) < vocab_size:
+            vocab[w] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>")
+
+
+def tiny_llama_config(vocab_size: int = 256):
+    """2 layers, hidden 64, GQA 4/2 heads, tied embeddings, BOS = EOS = 1."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                       num_hidden_layers=2, vocab_size=vocab_size, max_position_embeddings=128, bos_token_id=1,
+                       eos_token_id=1, tie_word_embeddings=True)
