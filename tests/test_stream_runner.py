@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from rankwise.compression.api import CompressConfig, compress, run_pipeline
-from rankwise.compression.calibration import StatsCollector, capture_block_inputs, run_block
+from rankwise.compression.calibration import StatsCollector
 from rankwise.compression.calibration.loops import windows_forward_loop
 from rankwise.compression.calibration.sensitivity import output_sensitivity
 from rankwise.compression.methods.base import Method
@@ -139,3 +142,78 @@ def test_sequential_statistics_equal_a_reference_by_hand(one_torch_thread, monke
     with StatsCollector([t for t in find_targets(dense) if t.name == name]) as col:
         windows_forward_loop(x)(dense)
     assert float((col.stats[name].xtx - ref).abs().max()) > 1e-2 * scale
+
+
+# -- the round-1 block-0 capture, kept here only as this test's negative control -------------------------------
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to end a forward pass early."""
+
+
+def capture_block_inputs(model: nn.Module, block: nn.Module, forward_loop: Callable[[nn.Module], Any]) -> list:
+    """Run ``forward_loop`` but stop each forward at ``block``; return the (args, kwargs) it received.
+
+    ``model.forward`` is wrapped while capturing so the early stop looks like a
+    normal return (of ``None``) to the loop; the loop should not use the outputs.
+    """
+    captured: list[tuple[tuple, dict]] = []
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+        captured.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), dict(kwargs)))
+        raise _StopForward
+
+    orig_forward = model.forward
+
+    def forward(*a, **kw):
+        try:
+            return orig_forward(*a, **kw)
+        except _StopForward:
+            return None
+
+    handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    model.forward = forward  # type: ignore[method-assign]
+    try:
+        with torch.no_grad():
+            forward_loop(model)
+    finally:
+        handle.remove()
+        try:
+            del model.forward
+        except AttributeError:
+            model.forward = orig_forward  # type: ignore[method-assign]
+    return captured
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    return kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> tuple[tuple, dict]:
+    kwargs = dict(kwargs)
+    for key in ("past_key_values", "past_key_value", "layer_past", "cache"):  # "cache": transformers >= 5.24
+        if key in kwargs:
+            kwargs[key] = None
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    if args and isinstance(args[0], torch.Tensor):
+        return (h, *args[1:]), kwargs
+    kwargs["hidden_states"] = h
+    return args, kwargs
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: list, hiddens: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Run ``block`` on every stored call, with the hidden states replaced by ``hiddens``."""
+    outs = []
+    for (args, kwargs), h in zip(inputs, hiddens):
+        a, kw = _with_hidden(args, kwargs, h)
+        out = block(*a, **kw)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        elif not isinstance(out, torch.Tensor) and hasattr(out, "last_hidden_state"):
+            out = out.last_hidden_state
+        outs.append(out.detach())
+    return outs

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankwise.compression.calibration.blocks import capture_block_inputs, find_blocks, initial_hiddens, run_block
 from rankwise.compression.calibration.stats import LayerStats, StatsCollector
+from rankwise.compression.runner import BlockRunner, find_blocks
 from rankwise.engine.svd import thin_svd
 from rankwise.engine.whitening import inverse_sqrt_factor
 from rankwise.errors import RankwiseError
@@ -215,21 +215,22 @@ def eora_compensate(
         if inside:
             if blocks is None:  # targets inside blocks imply blocks were found
                 raise RuntimeError("rankwise bug: targets inside decoder blocks but no blocks found")
-            inputs = capture_block_inputs(model, blocks.modules[0], loop)
-            if not inputs:
-                raise RankwiseError("the forward loop never reached the model's blocks; check the calib data.")
-            hiddens = initial_hiddens(inputs)
-            by_block: dict[int, list[Target]] = {}
-            for t in inside:
-                by_block.setdefault(blocks.index_of[t.name], []).append(t)
-            for i, block in enumerate(blocks.modules):
+            by_block = blocks.targets_of(inside)
+            collectors: dict[int, StatsCollector] = {}
+
+            def collect(i: int) -> StatsCollector:
+                collectors[i] = StatsCollector(by_block.get(i, []))
+                return collectors[i]
+
+            def step(i: int, block: nn.Module) -> bool:
+                # the block ran before this swap: the next block sees the compressed (uncompensated) outputs
                 tg = by_block.get(i, [])
-                with StatsCollector(tg) as col:
-                    outs = run_block(block, inputs, hiddens)  # computed before the swap: compressed inputs
                 if tg:
-                    compensate(tg, col.stats)
-                hiddens = outs
-            del inputs, hiddens
+                    compensate(tg, collectors.pop(i).stats)
+                return bool(tg)
+
+            with BlockRunner(model, blocks, loop, progress=progress) as runner:
+                runner.walk(step, collect=collect, sequential=False, desc="EoRA")
         if outside:
             compensate(outside, outside_stats)
     finally:

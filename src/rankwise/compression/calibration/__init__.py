@@ -1,6 +1,8 @@
-"""Calibration: forward loops from text, hooks collecting input statistics, sequential blocks."""
+"""Calibration: forward loops from text and hooks collecting input statistics.
 
-from rankwise.compression.calibration.blocks import Blocks, capture_block_inputs, find_blocks, run_block
+The block-by-block walk over calibration data is :mod:`rankwise.compression.runner`.
+"""
+
 from rankwise.compression.calibration.loops import (
     CalibInfo,
     ForwardLoop,
@@ -11,14 +13,10 @@ from rankwise.compression.calibration.loops import (
 from rankwise.compression.calibration.stats import LayerStats, StatsCollector
 
 __all__ = [
-    "Blocks",
     "CalibInfo",
     "ForwardLoop",
     "LayerStats",
     "StatsCollector",
-    "capture_block_inputs",
-    "find_blocks",
-    "run_block",
     "text_forward_loop",
     "text_windows",
     "windows_forward_loop",
