@@ -6,22 +6,16 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import rankwise
 from rankwise.cli.main import main
-from tiny_models import ptb_word_tokenizer, tiny_llama_config
+from tiny_models import write_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    tok = ptb_word_tokenizer()
-    torch.manual_seed(0)
-    cfg = tiny_llama_config()
-    model = LlamaForCausalLM(cfg)
-    d = tmp_path_factory.mktemp("tiny") / "model"
-    model.save_pretrained(str(d))
-    tok.save_pretrained(str(d))
+    d = write_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
     return d
 
 

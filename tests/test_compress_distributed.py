@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from rankwise.compression.calibration.stats import LayerStats
 from rankwise.compression.distributed import Dist
 from rankwise.errors import RankwiseError
-from tiny_models import ptb_word_tokenizer, tiny_llama_config
+from tiny_models import write_tiny_llama
 
 
 def _free_port() -> int:
@@ -248,14 +248,7 @@ def test_compress_two_processes_equals_one(two, one_torch_thread):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from transformers import LlamaForCausalLM
-
-    tok = ptb_word_tokenizer()
-    torch.manual_seed(0)
-    cfg = tiny_llama_config()
-    d = tmp_path_factory.mktemp("tiny") / "model"
-    LlamaForCausalLM(cfg).save_pretrained(str(d))
-    tok.save_pretrained(str(d))
+    d = write_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
     return d
 
 

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from rankwise.cli.main import main
 from rankwise.io.texts import load_text
 from rankwise.quantization import QuantLinear, QuantLowRank, load_quantized
-from tiny_models import ptb_word_tokenizer, tiny_llama_config
+from tiny_models import write_tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -20,12 +20,7 @@ CALIB: list[str] = []  # filled by the tiny_dir fixture: a small calibration fil
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    tok = ptb_word_tokenizer()
-    torch.manual_seed(0)
-    cfg = tiny_llama_config()
-    d = tmp_path_factory.mktemp("tiny") / "model"
-    LlamaForCausalLM(cfg).save_pretrained(str(d))
-    tok.save_pretrained(str(d))
+    d = write_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
     calib = d.parent / "calib.txt"
     calib.write_text(" ".join(load_text("ptb", "train")[:100_000].split()[:3000]))
     CALIB[:] = ["--calib", str(calib), "--calib-samples", "4", "--seq-len", "32"]

@@ -30,3 +30,14 @@ def tiny_llama_config(vocab_size: int = 256):
     return LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                        num_hidden_layers=2, vocab_size=vocab_size, max_position_embeddings=128, bos_token_id=1,
                        eos_token_id=1, tie_word_embeddings=True)
+
+
+def write_tiny_llama(folder, seed: int = 0):
+    """Save a seeded tiny Llama and its word-level tokenizer as a plain HF folder; returns the folder."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(str(folder))
+    ptb_word_tokenizer().save_pretrained(str(folder))
+    return folder
