@@ -44,3 +44,38 @@ class LoRALayer(AdapterLayer):
 
     def closed_form_params(self) -> int:
         return self._rank * (self.m + self.n)
+
+
+class FactorInitLoRALayer(LoRALayer):
+    """LoRA whose factors start at (A₀, B₀) with B₀A₀ ≠ 0 (PiSSA, LoRA-GA).
+
+    The base keeps W − s·B₀A₀ so the output at init is the base's; A₀ and B₀ are saved as buffers
+    (``init_A``, ``init_B``) so a reloaded adapter rebuilds the same residual base. Subclasses give
+    the initial factors in :meth:`initial_factors`.
+    """
+
+    saved_buffers = ("init_A", "init_B")
+
+    def __init__(
+        self, base: nn.Module, config: AdapterConfig, name: str, state: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        super().__init__(base, config, name, state=state)
+        if state is None:
+            a0, b0 = self.initial_factors(base, config, name)
+            with torch.no_grad():
+                self.lora_A.copy_(a0)
+                self.lora_B.copy_(b0)
+        else:
+            a0, b0 = self.from_state(state, "init_A"), self.from_state(state, "init_B")
+        self._buffer("init_A", a0)
+        self._buffer("init_B", b0)
+        with torch.no_grad():
+            self.set_base_weight(self.base_weight().float() - self.init_delta())
+
+    def initial_factors(self, base: nn.Module, config: AdapterConfig, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A₀ r×n, B₀ m×r) for a fresh adapter."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def init_delta(self) -> torch.Tensor:
+        return (self.init_B.float() @ self.init_A.float()) * self.scaling

@@ -27,46 +27,27 @@ from rankwise.engine.svd import truncated_svd
 from rankwise.errors import RankwiseError
 from rankwise.tune.base import decomposition_threads
 from rankwise.tune.config import AdapterConfig
-from rankwise.tune.lora import LoRALayer
+from rankwise.tune.lora import FactorInitLoRALayer
 
 GRAD_ATTR = "_rankwise_ga_grad"
 """Attribute of a base module holding its averaged m×n gradient while the adapter is built."""
 
 
-class LoRAGALayer(LoRALayer):
+class LoRAGALayer(FactorInitLoRALayer):
     """LoRA layout with the gradient-SVD init; r(m+n) trainable parameters."""
 
     method = "lora-ga"
-    saved_buffers = ("init_A", "init_B")
-
-    def __init__(
-        self, base: nn.Module, config: AdapterConfig, name: str, state: dict[str, torch.Tensor] | None = None
-    ) -> None:
-        super().__init__(base, config, name, state=state)
+    def initial_factors(self, base: nn.Module, config: AdapterConfig, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         r = self.rank
-        if state is None:
-            grad = getattr(base, GRAD_ATTR, None)
-            if grad is None:
-                raise RankwiseError("lora-ga initialises from gradients: pass training batches, "
-                                    "rankwise.tune.apply(model, config, data=batches).")
-            if 2 * r > min(self.m, self.n):
-                raise RankwiseError(f"lora-ga needs 2·rank <= min(m, n) for {name} ({self.m}x{self.n}); "
-                                    f"choose --rank <= {min(self.m, self.n) // 2}.")
-            with decomposition_threads(*grad.shape):
-                u, _, v = truncated_svd(grad.float(), 2 * r, method=config.svd, niter=max(4, config.svd_iters),
-                                        seed=config.seed)
-            zeta = self.m ** 0.25 / math.sqrt(config.ga_gamma)
-            a0, b0 = v[:, :r].T * zeta, u[:, r: 2 * r] * zeta
-            with torch.no_grad():
-                self.lora_A.copy_(a0)
-                self.lora_B.copy_(b0)
-        else:
-            a0, b0 = self.from_state(state, "init_A"), self.from_state(state, "init_B")
-        self._buffer("init_A", a0)
-        self._buffer("init_B", b0)
-        with torch.no_grad():
-            self.set_base_weight(self.base_weight().float() - self.init_delta())
-
-    @torch.no_grad()
-    def init_delta(self) -> torch.Tensor:
-        return (self.init_B.float() @ self.init_A.float()) * self.scaling
+        grad = getattr(base, GRAD_ATTR, None)
+        if grad is None:
+            raise RankwiseError("lora-ga initialises from gradients: pass training batches, "
+                                "rankwise.tune.apply(model, config, data=batches).")
+        if 2 * r > min(self.m, self.n):
+            raise RankwiseError(f"lora-ga needs 2·rank <= min(m, n) for {name} ({self.m}x{self.n}); "
+                                f"choose --rank <= {min(self.m, self.n) // 2}.")
+        with decomposition_threads(*grad.shape):
+            u, _, v = truncated_svd(grad.float(), 2 * r, method=config.svd, niter=max(4, config.svd_iters),
+                                    seed=config.seed)
+        zeta = self.m ** 0.25 / math.sqrt(config.ga_gamma)
+        return v[:, :r].T * zeta, u[:, r: 2 * r] * zeta

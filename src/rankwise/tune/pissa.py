@@ -15,7 +15,7 @@ from torch import nn
 from rankwise.engine.svd import truncated_svd
 from rankwise.tune.base import decomposition_threads
 from rankwise.tune.config import AdapterConfig
-from rankwise.tune.lora import LoRALayer
+from rankwise.tune.lora import FactorInitLoRALayer
 
 
 def top_svd(w: torch.Tensor, rank: int, config: AdapterConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -24,30 +24,11 @@ def top_svd(w: torch.Tensor, rank: int, config: AdapterConfig) -> tuple[torch.Te
         return truncated_svd(w.float(), rank, method=config.svd, niter=config.svd_iters, seed=config.seed)
 
 
-class PiSSALayer(LoRALayer):
+class PiSSALayer(FactorInitLoRALayer):
     """LoRA layout, principal init, frozen residual base; r(m+n) trainable parameters."""
 
     method = "pissa"
-    saved_buffers = ("init_A", "init_B")
-
-    def __init__(
-        self, base: nn.Module, config: AdapterConfig, name: str, state: dict[str, torch.Tensor] | None = None
-    ) -> None:
-        super().__init__(base, config, name, state=state)
-        if state is None:
-            u, s, v = top_svd(self.base_weight(), self.rank, config)
-            root = (s / self.scaling).sqrt()
-            a0, b0 = root[:, None] * v.T, u * root[None, :]
-            with torch.no_grad():
-                self.lora_A.copy_(a0)
-                self.lora_B.copy_(b0)
-        else:
-            a0, b0 = self.from_state(state, "init_A"), self.from_state(state, "init_B")
-        self._buffer("init_A", a0)
-        self._buffer("init_B", b0)
-        with torch.no_grad():
-            self.set_base_weight(self.base_weight().float() - self.init_delta())
-
-    @torch.no_grad()
-    def init_delta(self) -> torch.Tensor:
-        return (self.init_B.float() @ self.init_A.float()) * self.scaling
+    def initial_factors(self, base: nn.Module, config: AdapterConfig, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        u, s, v = top_svd(self.base_weight(), self.rank, config)
+        root = (s / self.scaling).sqrt()
+        return root[:, None] * v.T, u * root[None, :]
