@@ -441,11 +441,11 @@ class AtomicOutputs:
         return entry
 
     @contextlib.contextmanager
-    def stage_dir(self, dest: Path) -> Iterator[Path]:
+    def _staging(self, dest: Path) -> Iterator[Any]:
+        """Stage ``dest``; on any failure remove the staged copy, forget it, and raise one line."""
         entry = self._stage(dest)
         try:
-            os.mkdir(entry.staged, 0o777)  # the umask applies, unlike mkdtemp's 0700
-            yield entry.staged
+            yield entry
         except BaseException as exc:
             _remove(entry.staged)
             self.entries.pop(_key(dest), None)
@@ -455,20 +455,18 @@ class AtomicOutputs:
             raise err from exc
 
     @contextlib.contextmanager
+    def stage_dir(self, dest: Path) -> Iterator[Path]:
+        with self._staging(dest) as entry:
+            os.mkdir(entry.staged, 0o777)  # the umask applies, unlike mkdtemp's 0700
+            yield entry.staged
+
+    @contextlib.contextmanager
     def stage_file(self, dest: Path, mode: str, encoding: str | None) -> Iterator[Any]:
-        entry = self._stage(dest)
-        try:
+        with self._staging(dest) as entry:
             fd = os.open(entry.staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             kw = {} if "b" in mode else {"encoding": encoding}
             with open(fd, mode, **kw) as fh:
                 yield fh
-        except BaseException as exc:
-            _remove(entry.staged)
-            self.entries.pop(_key(dest), None)
-            err = _as_user_error(exc, dest, "nothing was written.")
-            if err is exc:
-                raise
-            raise err from exc
 
     # commit ----------------------------------------------------------------------------------------
     def __enter__(self) -> AtomicOutputs:
