@@ -132,10 +132,108 @@ class _CachedTokenizer:
         return {"input_ids": ids}
 
 
+@dataclass(frozen=True)
+class MixturePart:
+    """One text of a calibration mixture: its spec, normalised weight and number of windows."""
+
+    text: str
+    weight: float
+    samples: int
+
+
+_SPLIT_NAMES = ("train", "valid", "test")
+
+
+def _check_text_name(part: str, spec: str) -> None:
+    """A part must name a built-in text (optionally ``name:split``) or an existing file/folder."""
+    from pathlib import Path
+
+    from rankwise.io.texts import BUILTIN_TEXTS
+
+    name, sep, split = part.partition(":")
+    if name in BUILTIN_TEXTS and (not sep or split in _SPLIT_NAMES):
+        return
+    if Path(part).expanduser().exists():
+        return
+    raise RankwiseError(
+        f"calibration {spec!r}: unknown text {part!r}; use {', '.join(BUILTIN_TEXTS)} or a path to a .txt file, "
+        "alone or as a mixture like ptb+bbc or ptb:3+bbc:1."
+    )
+
+
+def parse_mixture(spec: str, n_samples: int) -> list[MixturePart]:
+    """Parse a calibration spec into parts with normalised weights and window counts.
+
+    ``ptb`` / ``FILE.txt``: one part. ``ptb+bbc``: equal shares. ``ptb:3+bbc:1``: weights (positive,
+    finite; normalised to sum 1). A suffix naming a split (``ptb:valid``) is part of the text, not a
+    weight; a part that is an existing file is taken whole. The ``n_samples`` windows are shared out by
+    the largest-remainder method (floors of ``n·w``, then one more window to the parts with the largest
+    fractional remainders, earlier parts first on ties): every part gets ≥ 0 windows, the total is
+    ``n_samples``, and the result depends only on the spec.
+    """
+    import math
+    from pathlib import Path
+
+    spec = str(spec).strip()
+    if not spec:
+        raise RankwiseError("empty calibration text spec; use ptb, bbc, a mixture like ptb:3+bbc:1, or a .txt file.")
+    raw = spec.split("+")
+    if any(not p.strip() for p in raw):
+        raise RankwiseError(f"calibration {spec!r} has an empty part; write parts as name[:weight] joined by '+', "
+                            "e.g. ptb:3+bbc:1.")
+    names: list[str] = []
+    weights: list[float] = []
+    for part in (p.strip() for p in raw):
+        name, weight = part, 1.0
+        if ":" in part and not Path(part).expanduser().is_file():
+            head, _, tail = part.rpartition(":")
+            if tail not in _SPLIT_NAMES:
+                try:
+                    weight = float(tail)
+                except ValueError:
+                    raise RankwiseError(f"calibration {spec!r}: the weight {tail!r} of {head!r} is not a number; "
+                                        "write name:weight with a positive number, e.g. ptb:3+bbc:1.") from None
+                if not math.isfinite(weight) or weight <= 0:
+                    raise RankwiseError(f"calibration {spec!r}: the weight of {head!r} must be a positive finite "
+                                        f"number, got {tail}.")
+                name = head.strip()
+                if not name:
+                    raise RankwiseError(f"calibration {spec!r} has a weight without a text name ({part!r}).")
+        _check_text_name(name, spec)
+        names.append(name)
+        weights.append(weight)
+    total = math.fsum(weights)
+    norm = [w / total for w in weights]
+    quota = [n_samples * w for w in norm]
+    counts = [int(math.floor(q)) for q in quota]
+    left = n_samples - sum(counts)
+    order = sorted(range(len(quota)), key=lambda i: (-(quota[i] - counts[i]), i))
+    for i in order[:left]:
+        counts[i] += 1
+    return [MixturePart(text=n, weight=w, samples=k) for n, w, k in zip(names, norm, counts)]
+
+
+def _interleave(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate per-part windows so that every prefix holds the parts in about their shares.
+
+    Window j of a part with k windows sorts at (j + ½)/k (stable on ties, earlier parts first): the
+    loss-sensitivity pass reads the first windows only, and distributed runs share windows out by
+    position, so a part-after-part order would give them one text only.
+    """
+    keyed = [((j + 0.5) / len(r), p, j) for p, r in enumerate(rows) for j in range(len(r))]
+    keyed.sort()
+    return torch.stack([rows[p][j] for _, p, j in keyed])
+
+
 def text_windows(
     tokenizer, text_spec: str, n_samples: int, seq_len: int, seed: int = 0
 ) -> tuple[torch.Tensor, CalibInfo]:
-    """Seeded calibration windows from a text spec (``ptb``, ``bbc``, ``a+b`` mixtures, a .txt path), train split."""
+    """Seeded calibration windows from a text spec, train split (see :func:`parse_mixture`).
+
+    Part ``i`` of a mixture draws its windows with seed ``seed + i``; the windows of the parts are
+    interleaved (:func:`_interleave`). ``CalibInfo.extra["mixture"]`` records each part's text,
+    normalised weight, window count and sha256.
+    """
     from rankwise.io.texts import load_text, text_fingerprint
     from rankwise.io.tokens import sample_windows
 
@@ -143,29 +241,28 @@ def text_windows(
         raise RankwiseError(f"--calib-samples must be at least 1, got {n_samples}.")
     if seq_len < 2:
         raise RankwiseError(f"--seq-len must be at least 2, got {seq_len}.")
-    parts = [p for p in str(text_spec).split("+") if p]
-    if not parts:
-        raise RankwiseError("empty calibration text spec; use ptb, bbc or a .txt file.")
+    parts = parse_mixture(text_spec, n_samples)
     rows, shas = [], []
     tokenizer = _CachedTokenizer(tokenizer)
-    per = [n_samples // len(parts) + (1 if i < n_samples % len(parts) else 0) for i in range(len(parts))]
-    for i, (part, k) in enumerate(zip(parts, per)):
+    for i, part in enumerate(parts):
         need = f"{n_samples} samples of {seq_len} tokens need about {n_samples * (seq_len - 1)} tokens"
         try:
-            text = load_text(part, split="train")
+            text = load_text(part.text, split="train")
         except RankwiseError as exc:
             if "empty" in str(exc):
-                raise RankwiseError(f"calibration text {part!r} is empty; {need}.") from exc
+                raise RankwiseError(f"calibration text {part.text!r} is empty; {need}.") from exc
             raise
         if not text.strip():
-            raise RankwiseError(
-                f"calibration text {part!r} is empty; {n_samples} samples of {seq_len} tokens need "
-                f"{n_samples * (seq_len - 1)} tokens."
-            )
+            raise RankwiseError(f"calibration text {part.text!r} is empty; {need}.")
         shas.append(text_fingerprint(text))
-        if k:
-            rows.append(sample_windows(tokenizer, text, k, seq_len, seed=seed + i, name=f"calibration text {part!r}"))
-    windows = torch.cat(rows)
+        if part.samples:
+            rows.append(sample_windows(tokenizer, text, part.samples, seq_len, seed=seed + i,
+                                       name=f"calibration text {part.text!r}"))
+    windows = _interleave(rows) if len(rows) > 1 else rows[0]
+    extra = {}
+    if len(parts) > 1:
+        extra["mixture"] = [{"text": p.text, "weight": p.weight, "samples": p.samples, "sha256": s}
+                            for p, s in zip(parts, shas)]
     info = CalibInfo(
         text=str(text_spec),
         sha256=shas[0] if len(shas) == 1 else text_fingerprint("+".join(shas)),
@@ -173,6 +270,7 @@ def text_windows(
         seq_len=seq_len,
         seed=seed,
         tokens=int(windows.numel()),
+        extra=extra,
     )
     return windows, info
 
