@@ -28,7 +28,7 @@ from rankwise.registry import Registry
 from rankwise.surgery.lowrank import LowRankLinear
 
 #: modules imported (once, on first lookup) so that they register their layer types
-LAYER_MODULES: list[str] = ["rankwise.surgery.lowrank", "rankwise.quantization.layer"]
+LAYER_MODULES: list[str] = ["rankwise.surgery.lowrank", "rankwise.quantization.layer", "rankwise.train.regimes.layers"]
 
 
 def _load_layer_modules() -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from rankwise.config import check_int, check_numbers
 from rankwise.errors import RankwiseError
 from rankwise.registry import Registry
+from rankwise.train.regimes import REGIMES, check_combination
 
 # name → builder(model, config) -> torch optimiser over the model's trainable parameters
 OPTIMIZERS: Registry[Callable[[Any, TrainRunConfig], Any]] = Registry("optimizer")
@@ -36,7 +37,8 @@ class TrainRunConfig:
     Attributes:
         steps: optimiser steps (required; at least 1).
         model: built-in name or model folder (``None``: smollm2-135m).
-        optimizer: one of :data:`OPTIMIZERS` (adamw, galore, galore-dct, fira).
+        optimizer: one of :data:`OPTIMIZERS` (adamw, galore, galore-dct, fira); ``None``: galore for the dense
+            regime, adamw for the others.
         projection: projection of the low-rank optimisers (``None``: svd, dct for galore-dct).
         rank, update_gap, scale: GaLore's projection rank, refresh period in steps and scale α.
         targets: regex of module names in the low-rank group / shaped by the callback (``None``: all).
@@ -49,12 +51,17 @@ class TrainRunConfig:
         weight_decay, batch_size, seq_len, seed: decoupled weight decay, windows per step, tokens per
             window, seed of the init and the data order.
         eval_tokens, eval_seq_len: PTB-test tokens for the final perplexity (0 skips) and its window length.
+        regime, sparse_density, lora_alpha: the weights' regime (:data:`rankwise.train.regimes.REGIMES`: dense,
+            sltrain, relora, lost), the sparse support's density and the low-rank scale α (α/rank).
+        relora_every, relora_reset, relora_warmup: ReLoRA's merge period, fraction of the factors' Adam
+            moments pruned at a merge, and the warm-up steps of its jagged cosine schedule.
         fsdp: shard parameters, gradients and optimizer state over the torchrun processes (FSDP2).
     """
 
     steps: int = field(metadata={"help": "optimiser steps", "cli": "--steps"})  # required: added by the CLI
     model: str | None = field(default=None, metadata={"cli": False})
-    optimizer: str = field(default="galore", metadata={"help": "optimiser", "choices": OPTIMIZERS.names})
+    optimizer: str | None = field(default=None, metadata={
+        "help": "optimiser (default: galore; adamw with a --regime other than dense)", "choices": OPTIMIZERS.names})
     projection: str | None = field(default=None, metadata={
         "help": "projection of the low-rank optimisers (default: svd; dct for galore-dct)",
         "choices": PROJECTIONS.names})
@@ -79,6 +86,19 @@ class TrainRunConfig:
     seed: int = field(default=0, metadata={"help": "seed of the init and the data order"})
     eval_tokens: int = field(default=2048, metadata={"help": "PTB-test tokens for perplexity (0 skips)"})
     eval_seq_len: int = field(default=512, metadata={"help": "perplexity window length"})
+    regime: str = field(default="dense", metadata={
+        "help": "what the weights are while training: dense, sltrain (BA + fixed random sparse S), relora (frozen W + "
+                "LoRA merged every --relora-every steps), lost (SVD low-rank + channel-sparse); see docs/train.md",
+        "choices": REGIMES.names})
+    sparse_density: float = field(default=0.03, metadata={
+        "help": "sltrain: fraction of entries in the sparse support; lost: fraction of input channels"})
+    lora_alpha: float | None = field(default=None, metadata={
+        "help": "low-rank scale alpha/rank of sltrain (default 16) and relora (default 32)"})
+    relora_every: int = field(default=200, metadata={"help": "relora: steps between merges"})
+    relora_reset: float = field(default=0.99, metadata={
+        "help": "relora: fraction of the factors' Adam moments pruned (by magnitude) at each merge"})
+    relora_warmup: int = field(default=10, metadata={
+        "help": "relora: learning-rate warm-up steps at the start and after each merge (jagged cosine)"})
     fsdp: bool = field(default=False, metadata={
         "help": "shard parameters, gradients and optimizer state over the processes (FSDP2); launch with "
                 "torchrun --nproc-per-node N -m rankwise train --fsdp ... (under torchrun without --fsdp the "
@@ -87,16 +107,27 @@ class TrainRunConfig:
     def __post_init__(self) -> None:
         check_numbers(self)
         check_int(self.steps, "--steps", minimum=1)
+        REGIMES.check(self.regime)
+        if self.optimizer is None:  # resolved once here: every reader sees a name
+            self.optimizer = "galore" if self.regime == "dense" else "adamw"
         OPTIMIZERS.check(self.optimizer)
         if self.projection is not None:
             PROJECTIONS.check(self.projection)
         if self.callback is not None:
             CALLBACKS.check(self.callback)
-        if self.optimizer != "adamw":
+        if self.optimizer != "adamw" or self.regime != "dense":
             from rankwise.train.projector import check_gap, check_rank
 
             check_rank(self.rank)
             check_gap(self.update_gap)
+        check_combination(self.regime, self.optimizer, self.callback, self.fsdp, self.from_scratch,
+                          self.sparse_density)
+        check_int(self.relora_every, "--relora-every", minimum=1)
+        check_int(self.relora_warmup, "--relora-warmup", minimum=0)
+        if not 0.0 <= self.relora_reset <= 1.0:
+            raise RankwiseError(f"--relora-reset must lie in [0, 1], got {self.relora_reset}.")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise RankwiseError(f"--lora-alpha must be positive, got {self.lora_alpha}.")
         if self.lr is not None and self.lr <= 0:
             raise RankwiseError(f"--lr must be positive, got {self.lr}.")
         if self.weight_decay < 0:
@@ -170,6 +201,16 @@ def _cuttlefish(config: TrainRunConfig) -> Any:
 def build_optimizer(model: Any, config: TrainRunConfig) -> Any:
     """The optimiser ``config.optimizer`` names, over ``model``'s trainable parameters."""
     return OPTIMIZERS.get(config.optimizer)(model, config)
+
+
+def build_regime(config: TrainRunConfig) -> Any:
+    """The ``config.regime`` (:class:`rankwise.train.regimes.base.Regime`) with the run's rank, targets and seed."""
+    from rankwise.train.regimes.base import build_regime as build
+
+    return build(config.regime, rank=config.rank, targets=config.targets, seed=config.seed,
+                 sparse_density=config.sparse_density, lora_alpha=config.lora_alpha,
+                 relora_every=config.relora_every, relora_reset=config.relora_reset,
+                 relora_warmup=config.relora_warmup)
 
 
 def build_callback(config: TrainRunConfig) -> Any:
