@@ -39,7 +39,14 @@ from rankwise.compression.calibration.stats import LayerStats, StatsCollector
 from rankwise.compression.methods import METHODS, MethodOptions, get_method
 from rankwise.compression.runner import SPILL_BYTES, BlockRunner, Blocks, find_blocks
 from rankwise.config import check_numbers
-from rankwise.engine.device import DTYPE_CHOICES, dtype_name, resolve_device, resolve_dtype, stats_device
+from rankwise.engine.device import (
+    DTYPE_CHOICES,
+    compute_dtype,
+    dtype_name,
+    resolve_device,
+    resolve_dtype,
+    stats_device,
+)
 from rankwise.engine.metrics import break_even_rank
 from rankwise.engine.threads import torch_threads
 from rankwise.errors import RankwiseError, check_ratio
@@ -88,6 +95,9 @@ class CompressConfig:
     device: str = _f("auto", "where blocks run: auto (CUDA when present), cpu, cuda, cuda:N")
     dtype: str = _f("auto", "weights and factors are stored in this dtype (auto: the model's own)",
                     metavar="|".join(DTYPE_CHOICES))
+    compute_dtype: str = _f("auto", "dtype the block being worked on is upcast to (auto: the storage dtype where the "
+                            "device has fast kernels for it, else float32, e.g. bf16 on a CPU without "
+                            "AVX512-BF16/AMX); factors are stored in --dtype", metavar="|".join(DTYPE_CHOICES))
     threads: int | None = _f(None, "torch intra-op threads (default: torch's own)")
     max_shard_size: str = _f("5GB", "largest safetensors shard of a streamed checkpoint (e.g. 5GB, 500MB)")
     progress: bool = _f(True, "progress bars", cli=False)
@@ -123,6 +133,7 @@ class CompressConfig:
                     raise RankwiseError(f"{name} {v!r} is not a valid regular expression ({exc}).") from None
         resolve_device(self.device)  # one line naming what is available
         resolve_dtype(self.dtype)
+        resolve_dtype(self.compute_dtype)
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise RankwiseError(f"threads must be a whole number ≥ 1, got {self.threads!r}.")
@@ -601,6 +612,7 @@ def compress(
     t0 = time.perf_counter()
     device = _dist(resolve_device(config.device)).device(resolve_device(config.device))
     dtype = resolve_dtype(config.dtype, _model_dtype(model))
+    compute = compute_dtype(device, dtype, config.compute_dtype)
     with torch_threads(config.threads):
         if _model_dtype(model) != dtype:
             model.to(dtype)
@@ -636,12 +648,18 @@ def compress(
 
         was_training = model.training
         model.eval()
+        # in memory the whole model is upcast for the run (user forward loops and targets outside the blocks run
+        # the whole model); a streamed checkpoint (streaming.compress_checkpoint) upcasts one block at a time
+        if compute != dtype:
+            model.to(compute)
         home = _move_outside_blocks(model, find_blocks(model, targets), device)
         try:
             out = run_pipeline(model, targets, config, device=device, loop=loop, sens_windows=sens_windows,
                                cache=stats_cache)
         finally:
             _move_back(home)
+            if compute != dtype:
+                model.to(dtype)  # factors computed in ``compute``, stored in ``dtype``
             if was_training:
                 model.train()
     timings.update(out.timings)
@@ -670,13 +688,14 @@ def compress(
     )
     if not math.isclose(result.achieved_ratio, out.alloc.achieved_ratio, rel_tol=1e-9, abs_tol=1e-12):
         raise RuntimeError("the rank map and the allocation disagree on the achieved ratio")  # a bug, not user error
-    model.rankwise_meta = build_meta(config, out, result, params_before, params_after, device, dtype)
+    model.rankwise_meta = build_meta(config, out, result, params_before, params_after, device, dtype, compute)
     mark_factorised(model)  # quantization_config: save_pretrained writes a folder from_pretrained rebuilds
     return result
 
 
 def build_meta(config: CompressConfig, out: PipelineResult, result: CompressResult, params_before: int,
-               params_after: int, device: torch.device, dtype: torch.dtype) -> dict:
+               params_after: int, device: torch.device, dtype: torch.dtype,
+               compute: torch.dtype | None = None) -> dict:
     """What ``rankwise.json`` records about a compression run."""
     return {
         "method": config.method,
@@ -692,6 +711,7 @@ def build_meta(config: CompressConfig, out: PipelineResult, result: CompressResu
         "params_after": params_after,
         "device": str(device),
         "dtype": dtype_name(dtype),
+        "compute_dtype": dtype_name(compute if compute is not None else dtype),
         "torch_threads": torch.get_num_threads(),
         "timings": result.timings,
     }

@@ -48,7 +48,7 @@ from rankwise.compression.api import (
 from rankwise.compression.calibration.loops import CalibInfo
 from rankwise.compression.methods import get_method
 from rankwise.compression.runner import SPILL_BYTES, find_blocks
-from rankwise.engine.device import resolve_device, resolve_dtype
+from rankwise.engine.device import compute_dtype, resolve_device, resolve_dtype
 from rankwise.engine.metrics import break_even_rank
 from rankwise.engine.threads import torch_threads
 from rankwise.errors import RankwiseError
@@ -206,9 +206,12 @@ def compress_checkpoint(
     dist = _dist(device)
     device = dist.device(device)
     dtype = resolve_dtype(config.dtype, reader.torch_dtype)
+    # blocks (and the parts outside them) are read straight into the compute dtype: float32 where the device has
+    # no fast kernels for the storage dtype (bf16 on an AVX2 CPU); written back in the storage dtype ``dtype``
+    compute = compute_dtype(device, dtype, config.compute_dtype)
     method = get_method(config.method)
     with torch_threads(config.threads):
-        model = _skeleton(reader, dtype)
+        model = _skeleton(reader, compute)
         targets = find_targets(model, config.targets, config.exclude)
         blocks = find_blocks(model, targets)
         if blocks is None:
@@ -220,7 +223,7 @@ def compress_checkpoint(
         check_reachable(shapes, config.ratio)
         params_before = _count(model)
         targeted_before = sum(m * n for m, n in shapes)
-        mat = _Materialiser(model, reader, device, dtype)
+        mat = _Materialiser(model, reader, device, compute)
         block_names = {id(b): f"{blocks.prefix}.{i}" for i, b in enumerate(blocks.modules)}
         # everything outside the blocks: embeddings, final norm, head (tied weights re-tied afterwards)
         in_blocks = {id(p) for b in blocks.modules for p in b.parameters()}
@@ -236,7 +239,7 @@ def compress_checkpoint(
 
                 value = _finite(reader.get(key), key, reader.folder)
                 set_module_tensor_to_device(mod, k, device, value=value,
-                                            dtype=dtype if value.is_floating_point() else value.dtype)
+                                            dtype=compute if value.is_floating_point() else value.dtype)
                 mod._parameters[k].requires_grad_(False)
         if getattr(reader.config, "tie_word_embeddings", False):
             model.tie_weights()
@@ -322,7 +325,7 @@ def compress_checkpoint(
                     seen.add(v.data_ptr())
                     writer.add(k, v.to(dtype) if v.is_floating_point() else v)
                 sums = writer.close()
-                meta = build_meta(config, out_, result, params_before, params_after, device, dtype)
+                meta = build_meta(config, out_, result, params_before, params_after, device, dtype, compute)
                 meta["streamed"] = True
                 meta["source"] = str(folder)
                 hf_config = reader.config

@@ -5,6 +5,9 @@
 (short forms bf16, fp16, half, fp32, float accepted).
 Second-moment statistics, whitening and Cholesky stay float64; :func:`stats_device`
 says where (on the device when it runs float64 well, else on the CPU).
+The *storage* dtype (``--dtype``: what the checkpoint holds) and the *compute* dtype
+(``--compute-dtype``: what the block being worked on is upcast to) differ only where the device
+has no fast kernels for the storage dtype: :func:`compute_dtype` decides.
 
 :func:`check_device` / :func:`check_dtype` validate the spelling without importing torch,
 so config dataclasses use them in ``__post_init__`` and as CLI option types (``--help``
@@ -148,3 +151,60 @@ def stats_device(device: torch.device) -> torch.device:
         return torch.device("cpu")
     major, minor = torch.cuda.get_device_capability(device)
     return device if (major, minor) in ((6, 0), (7, 0), (8, 0), (9, 0), (10, 0)) else torch.device("cpu")
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of ``/proc/cpuinfo`` (x86 ``flags``, Arm ``Features``); empty where unreadable."""
+    try:
+        text = open("/proc/cpuinfo", encoding="ascii", errors="replace").read()
+    except OSError:
+        return frozenset()
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    return frozenset(flags)
+
+
+def fast_on(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``device`` has native matmul kernels for ``dtype`` (else torch emulates it, 5–100× slower).
+
+    CUDA: bfloat16 from compute capability 8.0 (Ampere) on (``torch.cuda.is_bf16_supported``),
+    float16 everywhere. CPU: bfloat16 with AVX512-BF16 or AMX-BF16 (x86) or the BF16 extension
+    (Arm), float16 with AMX-FP16 or AVX512-FP16 (x86) or FPHP/ASIMDHP (Arm); float32/float64 always.
+    Measured on an AVX2-only EPYC (no bf16 instructions): a bf16 linear forward is 5.6× slower than
+    float32 and its backward ~100× slower (docs/scale.md), which is why :func:`compute_dtype` exists.
+    """
+    import torch
+
+    if dtype in (torch.float32, torch.float64):
+        return True
+    if device.type == "cuda":
+        return dtype == torch.float16 or bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    if device.type != "cpu":
+        return True  # other accelerators (mps, xpu): trust the backend
+    flags = _cpu_flags()
+    if dtype == torch.bfloat16:
+        return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    if dtype == torch.float16:
+        return bool(flags & {"amx_fp16", "avx512_fp16", "fphp", "asimdhp"})
+    return False
+
+
+def compute_dtype(device: torch.device, storage_dtype: torch.dtype, spec: Any = "auto") -> torch.dtype:
+    """The dtype a block is upcast to while it works on ``device`` (its factors are stored in ``storage_dtype``).
+
+    ``spec`` ``auto``: ``storage_dtype`` where ``device`` runs it natively (:func:`fast_on`),
+    float32 otherwise (bf16/fp16 on a CPU without those instructions). A dtype name forces it.
+    Only the block being worked on (and the parts outside the blocks: embeddings, final norm,
+    head) is held in the compute dtype; blocks are read from the checkpoint into it and their
+    factors are cast back to ``storage_dtype`` when written, so the peak grows by one block's
+    upcast, not by the model's. Statistics stay float64 whatever this says (:func:`stats_device`).
+    """
+    import torch
+
+    if isinstance(spec, str) and spec.strip().lower() == "auto" or spec is None:
+        return storage_dtype if fast_on(device, storage_dtype) else torch.float32
+    return resolve_dtype(spec, storage_dtype)
