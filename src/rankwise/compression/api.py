@@ -286,6 +286,7 @@ class PipelineResult:
     sequential: bool
     timings: dict[str, float]
     sensitivity: dict[str, float] | None = None
+    targeted_after: int | None = None  # targeted weights left, when not rank·(m+n) per matrix (modegpt)
 
 
 def run_pipeline(
@@ -313,6 +314,10 @@ def run_pipeline(
     ``runners``: if a list, every :class:`BlockRunner` made is appended (tests count materialised blocks).
     """
     method = get_method(config.method)
+    structured = getattr(method, "run_pipeline", None)
+    if structured is not None:  # a method that rewrites whole blocks (modegpt) runs its own stages
+        return structured(model, targets, config, device=device, loop=loop, load=load, release=release,
+                          on_block_done=on_block_done, spill_bytes=spill_bytes, runners=runners)
     dist = _dist(device)
     opts = _options(config)
     sdev = stats_device(device)
@@ -665,8 +670,8 @@ def compress(
     timings.update(out.timings)
     params_after = _count(model)
     ranks = {t.name: out.rank_of[t.name] for t in targets}
-    targeted_after = sum(m * n if ranks[t.name] is None else ranks[t.name] * (m + n) for t, (m, n) in
-                         zip(targets, shapes))
+    targeted_after = out.targeted_after if out.targeted_after is not None else sum(
+        m * n if ranks[t.name] is None else ranks[t.name] * (m + n) for t, (m, n) in zip(targets, shapes))
     calibration = info.to_dict() if info else None
     if sens_info is not None:
         calibration = {**(calibration or {}), "sensitivity": sens_info.to_dict()}

@@ -300,8 +300,8 @@ def compress_checkpoint(
                                 load=load, release=release, on_block_done=done, spill_bytes=spill_bytes)
             timings.update(out_.timings)
             ranks = {t.name: out_.rank_of[t.name] for t in targets}
-            targeted_after = sum(m * n if ranks[t.name] is None else ranks[t.name] * (m + n)
-                                 for t, (m, n) in zip(targets, shapes))
+            targeted_after = out_.targeted_after if out_.targeted_after is not None else sum(
+                m * n if ranks[t.name] is None else ranks[t.name] * (m + n) for t, (m, n) in zip(targets, shapes))
             params_after = _count(model)
             calibration = info.to_dict() if info else None
             if sens_info is not None:
@@ -369,13 +369,21 @@ def export_dense_checkpoint(src: str | os.PathLike, out: str | os.PathLike, over
     meta = json.loads((folder / "rankwise.json").read_text())
     layers = meta.get("layers", {})
     reader = CheckpointReader(folder, check_sizes=False)
+    select = {n for n, sp in layers.items() if sp.get("type") == "select"}  # modegpt's SelectLinear
     owned = {f"{n}.{s}" for n in layers for s in ("A.weight", "B.weight", "B.bias")}
+    owned |= {f"{n}.{s}" for n in select for s in ("weight", "bias", "out_index", "in_index")}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         writer = ShardedWriter(tmp, max_shard_size=max_shard_size)
         for key in reader.keys():
             if key not in owned:
                 writer.add(key, reader.get(key))
         for name, spec in layers.items():
+            if name in select:
+                from rankwise.surgery.select import dense_select_tensors
+
+                for k, v in dense_select_tensors(spec, lambda key, n=name: reader.get(f"{n}.{key}")).items():
+                    writer.add(f"{name}.{k}", v)
+                continue
             B, A = reader.get(f"{name}.B.weight"), reader.get(f"{name}.A.weight")
             dt = torch.promote_types(A.dtype, torch.float32)
             W = (B.to(dt) @ A.to(dt)).to(A.dtype)

@@ -26,6 +26,7 @@ from torch import nn
 from rankwise.errors import RankwiseError
 from rankwise.registry import Registry
 from rankwise.surgery.lowrank import LowRankLinear
+from rankwise.surgery.select import SelectLinear
 
 #: modules imported (once, on first lookup) so that they register their layer types
 LAYER_MODULES: list[str] = ["rankwise.surgery.lowrank", "rankwise.quantization.layer", "rankwise.train.regimes.layers"]
@@ -41,6 +42,7 @@ def _load_layer_modules() -> None:
 
 LAYER_TYPES: Registry[type[nn.Module]] = Registry("layer type", loader=_load_layer_modules)
 LAYER_TYPES.register("lowrank", LowRankLinear)
+LAYER_TYPES.register("select", SelectLinear)  # MoDeGPT (compression/modegpt.py)
 
 
 def layer_spec(module: nn.Module) -> dict[str, Any] | None:

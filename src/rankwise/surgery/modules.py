@@ -20,12 +20,13 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 
 def to_dense(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Replace every LowRankLinear by the dense layer B A (Linear or Conv1D, as it was)."""
+    """Replace every LowRankLinear by the dense B A (Linear or Conv1D, as it was) and every SelectLinear by its W'."""
     from rankwise.surgery.lowrank import LowRankLinear
+    from rankwise.surgery.select import SelectLinear
 
     if not inplace:
         model = copy.deepcopy(model)
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, LowRankLinear):
+        if isinstance(mod, (LowRankLinear, SelectLinear)):
             set_module(model, name, mod.to_dense())
     return model

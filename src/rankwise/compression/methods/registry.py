@@ -7,10 +7,11 @@ from rankwise.registry import Registry
 
 
 def _load_builtins() -> None:
-    from rankwise.compression.methods import asvd, fwsvd, svd, whiten  # noqa: F401
+    from rankwise.compression.methods import asvd, fwsvd, modegpt, svd, whiten  # noqa: F401
 
 
-METHODS: Registry[Method] = Registry("method", loader=_load_builtins, builtin=("svd", "asvd", "fwsvd", "whiten"))
+METHODS: Registry[Method] = Registry("method", loader=_load_builtins,
+                                    builtin=("svd", "asvd", "fwsvd", "whiten", "modegpt"))
 
 
 def register(method: Method) -> Method:
