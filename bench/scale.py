@@ -48,11 +48,38 @@ SHAPE = {"hidden": 1536, "inter": 6144, "heads": 12, "kv": 4, "head_dim": 128}
 WRAP = (
     "import json, resource, subprocess, sys, time\n"
     "t = time.perf_counter()\n"
-    "p = subprocess.run(sys.argv[2:], stdout=subprocess.DEVNULL, stderr=open(sys.argv[1] + '.log', 'w'))\n"
-    "json.dump({'rc': p.returncode, 'seconds': time.perf_counter() - t,\n"
+    "p = subprocess.Popen(sys.argv[2:], stdout=subprocess.DEVNULL, stderr=open(sys.argv[1] + '.log', 'w'))\n"
+    "series = []\n"
+    "while p.poll() is None:\n"
+    "    try:\n"
+    "        kb = next(int(x.split()[1]) for x in open(f'/proc/{p.pid}/status') if x.startswith('VmRSS'))\n"
+    "        series.append((round(time.perf_counter() - t, 2), kb * 1024))\n"
+    "    except (OSError, StopIteration, ValueError):\n"
+    "        pass\n"
+    "    time.sleep(0.5)\n"
+    "json.dump({'rc': p.returncode, 'seconds': time.perf_counter() - t, 'rss_series': series,\n"
     "           'peak_rss_bytes': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024},\n"
     "          open(sys.argv[1], 'w'))\n"
 )
+STAGES = ("calibration_data", "sensitivity", "allocation", "factorisation")  # allocation includes the spectra pass
+
+
+def stage_peaks(series: list, seconds: float, timings: dict | None) -> dict | None:
+    """Peak RSS (sampled every 0.5 s) within each stage; stages placed back from the end of the run (approximate:
+    what follows the factorisation, writing metadata, takes well under a second)."""
+    if not timings or not series:
+        return None
+    end, out = seconds, {}
+    bounds = []
+    for name in reversed(STAGES):
+        start = end - float(timings.get(name, 0.0))
+        bounds.append((name, start, end))
+        end = start
+    bounds.append(("startup", 0.0, end))
+    for name, a, b in reversed(bounds):
+        vals = [rss for t, rss in series if a <= t <= b]
+        out[name] = {"seconds": b - a, "peak_rss_bytes": max(vals) if vals else None}
+    return out
 
 
 def build_checkpoint(layers: int) -> tuple[Path, int]:
@@ -108,6 +135,7 @@ def measured(cmd: list[str], work: Path, name: str, env: dict | None = None) -> 
         data = json.loads(out_json.read_text())
         res["timings"] = data.get("timings")
         res["achieved_ratio"] = data.get("achieved_ratio")
+    res["stage_peaks"] = stage_peaks(res.get("rss_series") or [], res["seconds"], res.get("timings"))
     return res
 
 
@@ -190,7 +218,8 @@ def main() -> None:
                                       "--out", str(work / f"L{n}"), "--overwrite", "--quiet",
                                       "--json", str(work / f"L{n}.json")), work, f"L{n}", threads)
             row = {"layers": n, "params": params, "fp32_bytes": 4 * params, "peak_rss_bytes": r["peak_rss_bytes"],
-                   "seconds": r["seconds"], "timings": r.get("timings"),
+                   "seconds": r["seconds"], "timings": r.get("timings"), "stage_peaks": r["stage_peaks"],
+                   "rss_series": r["rss_series"][::4],  # every 2 s
                    "rss_over_fp32": r["peak_rss_bytes"] / (4 * params)}
             result["depth"].append(row)
             print(f"{n:>3} layers  {params / 1e6:7.1f} M params  fp32 {4 * params / 2**30:5.2f} GiB  "
@@ -228,6 +257,7 @@ def main() -> None:
                     r = measured(cmd, work, f"smol{i}" if kind == "streamed" else f"smol-old{i}", threads)
                     runs[kind].append({"peak_rss_bytes": r["peak_rss_bytes"], "seconds": r["seconds"],
                                        "timings": r.get("timings"), "load_avg_before": load,
+                                       "stage_peaks": r["stage_peaks"],
                                        "rss_over_fp32": r["peak_rss_bytes"] / fp32})
                     print(f"SmolLM2 {kind:>8} run {i}: peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB "
                           f"({r['peak_rss_bytes'] / fp32:.2f}× fp32), {r['seconds']:.0f} s, load {load[0]}",
