@@ -25,7 +25,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -100,6 +100,11 @@ class CompressConfig:
                             "AVX512-BF16/AMX); factors are stored in --dtype", metavar="|".join(DTYPE_CHOICES))
     threads: int | None = _f(None, "torch intra-op threads (default: torch's own)")
     max_shard_size: str = _f("5GB", "largest safetensors shard of a streamed checkpoint (e.g. 5GB, 500MB)")
+    heal_steps: int = _f(0, "healing after compression: optimizer steps of a LoRA on each factor (A, B), trained on "
+                         "the calibration spec's train split and folded into the factors (ranks unchanged); 0: off")
+    heal_rank: int = _f(8, "healing: LoRA rank per factor (capped at the factor's rank k)")
+    heal_lr: float = _f(2e-4, "healing: AdamW learning rate (linear decay to zero)")
+    heal_batch_size: int = _f(4, "healing: windows of --seq-len tokens per step")
     progress: bool = _f(True, "progress bars", cli=False)
 
     def __post_init__(self) -> None:
@@ -140,6 +145,17 @@ class CompressConfig:
         from rankwise.io.shards import parse_size
 
         parse_size(self.max_shard_size)
+        for name, low in (("heal_steps", 0), ("heal_rank", 1), ("heal_batch_size", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise RankwiseError(f"{name} must be a whole number ≥ {low}"
+                                    f"{' (0: no healing)' if name == 'heal_steps' else ''}, got {v!r}.")
+        if isinstance(self.heal_lr, bool) or not isinstance(self.heal_lr, (int, float)) or not (
+                math.isfinite(self.heal_lr) and self.heal_lr > 0):
+            raise RankwiseError(f"heal_lr must be a positive number, got {self.heal_lr!r}.")
+        from rankwise.compression.calibration.loops import parse_mixture
+
+        parse_mixture(self.calib, self.calib_samples)  # unknown text, bad weight, empty part: one line, before any work
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,6 +179,7 @@ class CompressResult:
     calibration: dict | None
     timings: dict = field(default_factory=dict)
     break_even: dict[str, int] = field(default_factory=dict)
+    healing: dict | None = None  # HealResult.to_dict() when heal_steps > 0
 
     @property
     def dense(self) -> list[str]:
@@ -668,6 +685,17 @@ def compress(
             if was_training:
                 model.train()
     timings.update(out.timings)
+    healing = None
+    if config.heal_steps:  # healing (compression/heal.py): a LoRA on each factor, folded back; ranks unchanged
+        from rankwise.compression.heal import heal
+
+        t3 = time.perf_counter()
+        windows = calib if isinstance(calib, torch.Tensor) else None
+        heal_cfg = replace(config, calib=calib) if isinstance(calib, str) else config
+        tok = tokenizer if tokenizer is not None or windows is not None else _default_tokenizer(model, "healing")
+        with torch_threads(config.threads):
+            healing = heal(model, heal_cfg, tokenizer=tok, windows=windows).to_dict()
+        timings["healing"] = time.perf_counter() - t3
     params_after = _count(model)
     ranks = {t.name: out.rank_of[t.name] for t in targets}
     targeted_after = out.targeted_after if out.targeted_after is not None else sum(
@@ -690,6 +718,7 @@ def compress(
         calibration=calibration,
         timings=timings,
         break_even={t.name: break_even_rank(*t.shape) for t in targets},
+        healing=healing,
     )
     if not math.isclose(result.achieved_ratio, out.alloc.achieved_ratio, rel_tol=1e-9, abs_tol=1e-12):
         raise RuntimeError("the rank map and the allocation disagree on the achieved ratio")  # a bug, not user error
@@ -719,4 +748,5 @@ def build_meta(config: CompressConfig, out: PipelineResult, result: CompressResu
         "compute_dtype": dtype_name(compute if compute is not None else dtype),
         "torch_threads": torch.get_num_threads(),
         "timings": result.timings,
+        **({"healing": result.healing} if result.healing else {}),
     }

@@ -338,6 +338,16 @@ def compress_checkpoint(
                 except (OSError, ValueError):
                     gen = None
                 _write_metadata(tmp, hf_config, layers, meta, tokenizer, gen, sums)
+                if config.heal_steps:  # the whole (factorised) model is needed to train: load the output, heal it
+                    from rankwise.compression.heal import heal_folder
+
+                    t3 = time.perf_counter()
+                    import dataclasses
+
+                    heal_cfg = dataclasses.replace(config, calib=calib) if isinstance(calib, str) else config
+                    result.healing = heal_folder(tmp, heal_cfg, tokenizer=tokenizer, dtype=dtype, windows=calib if
+                                                 isinstance(calib, torch.Tensor) else None).to_dict()
+                    result.timings["healing"] = time.perf_counter() - t3
         dist.barrier()
     reader.close()
     result.seconds = time.perf_counter() - t0
