@@ -51,7 +51,7 @@ from rankwise.errors import RankwiseError
 from rankwise.surgery.select import SelectLinear
 from rankwise.surgery.targets import Target
 
-#: entropic temperature ε of the global allocation (φ_ℓ ∝ softmax(−s_ℓ/ε)); the paper's setting
+#: entropic temperature ε of the global allocation (φ_ℓ ∝ softmax(−s_ℓ/ε)); not tuned
 EPSILON = 0.1
 #: no block loses more than this fraction of its parameters
 MAX_SPARSITY = 0.9
