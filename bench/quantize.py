@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import shutil
 import sys
 import tempfile
 import time
@@ -47,13 +48,13 @@ from rankwise.quantization import QuantizeConfig, QuantLinear, quantize, save_qu
 NAME = "quantize"
 PNG = Path(__file__).resolve().parent.parent / "docs" / "img" / "quantize_pareto.png"
 GROUP = 64
-#: (bits, method, EoRA ranks), most important first: partial results stay useful on a loaded machine
-PLAN = [(3, "rtn", (32,)), (3, "gptq", (32,)), (4, "rtn", ()), (2, "rtn", ()), (8, "rtn", ()), (4, "gptq", ()),
-        (2, "gptq", (32,)), (8, "gptq", ())]
 CALIB_SAMPLES = 16  # × 256 tokens: halved from the CLI default so the grid fits the shared machine
-VALID_FOR = {(3, "rtn"), (3, "gptq"), (4, "rtn"), (4, "gptq")}
-EVAL_TOKENS = 2048  # per text: halved from the issue's 4,096 so the grid fits the shared, oversubscribed machine
-VALID_TEXTS = ("ptb",)
+EVAL_TOKENS = 4096  # per test text (PTB, BBC), 512-token windows, BOS
+VALID_TOKENS = 2048  # per validation text (PTB valid, BBC valid): the GPTQ setting is chosen on these
+#: GPTQ variants compared on validation text at 3 bits: (calibration text, act_order)
+DEFAULT_JOBS = ("dense,rtn3,gptq3:ptb,gptq3:ptb-act,gptq3:mix,gptq3:mix-act,gptq3e:mix,rtn8,rtn4,rtn2,gptq8:mix,"
+                "gptq4:mix,gptq2:mix,lowrank0.2:mix,lowrank0.4:mix")
+VARIANTS = {"ptb": ("ptb", False), "ptb-act": ("ptb", True), "mix": ("ptb+bbc", False), "mix-act": ("ptb+bbc", True)}
 
 
 def folder_bytes(path: Path) -> int:
@@ -85,73 +86,101 @@ class Bench:
         self.tok = load_tokenizer(None)
         self.base = load_model(None)
         self.texts = {s: load_text(s, "test") for s in ("ptb", "bbc")}
-        self.valid = {s: load_text(s, "valid") for s in VALID_TEXTS}
-        self.calib, self.calib_info = text_windows(self.tok, "ptb", CALIB_SAMPLES, 256, 0)
+        self.valid = {s: load_text(s, "valid") for s in ("ptb", "bbc")}
+        self.calibs: dict[str, tuple] = {}
         self.prompt = self.tok(self.texts["ptb"], return_tensors="pt").input_ids[:, :512]
         self.tmp = Path(tempfile.mkdtemp(prefix="rankwise-bench-quant-"))
         self.rows: list[dict] = []
         self.args = args
-        self.data = {"rows": self.rows, "calibration": self.calib_info.to_dict(), "group_size": GROUP,
-                     "run": run_info(), "eval": {"tokens": EVAL_TOKENS, "seq_len": 512, "bos": True}}
+        self.data = {"rows": self.rows, "calibration": {}, "group_size": GROUP, "run": run_info(),
+                     "eval": {"tokens": EVAL_TOKENS, "valid_tokens": VALID_TOKENS, "seq_len": 512, "bos": True},
+                     "jobs": args.jobs}
+
+    def calib(self, spec: str) -> torch.Tensor:
+        if spec not in self.calibs:
+            self.calibs[spec] = text_windows(self.tok, spec, CALIB_SAMPLES, 256, 0)
+            self.data["calibration"][spec] = self.calibs[spec][1].to_dict()
+        return self.calibs[spec][0]
 
     def measure(self, model, label: str, kind: str, save, valid: bool = False, **extra) -> dict:
         folder = self.tmp / label.replace(" ", "_").replace("/", "-")
         save(model, folder)
         row = {"label": label, "kind": kind, **extra, "disk_bytes": folder_bytes(folder)}
+        shutil.rmtree(folder, ignore_errors=True)
+        t = time.perf_counter()
         for s, text in self.texts.items():
             row[f"ppl_{s}"] = perplexity(model, self.tok, text, seq_len=512, max_tokens=EVAL_TOKENS, name=s).perplexity
         if valid:
             for s, text in self.valid.items():
-                row[f"valid_{s}"] = perplexity(model, self.tok, text, seq_len=512, max_tokens=EVAL_TOKENS,
+                row[f"valid_{s}"] = perplexity(model, self.tok, text, seq_len=512, max_tokens=VALID_TOKENS,
                                                name=s).perplexity
+        row["eval_seconds"] = time.perf_counter() - t
+        # side by side: the dense model's prefill is timed right before this row's, in this process
+        row["dense_prefill_s"] = prefill_seconds(self.base, self.prompt, reps=1)
         row["prefill_s"] = prefill_seconds(model, self.prompt, reps=1)
+        row["prefill_tok_s"] = self.prompt.shape[1] / row["prefill_s"]
+        row["prefill_vs_dense"] = row["dense_prefill_s"] / row["prefill_s"]
         self.rows.append(row)
         self.flush()
-        print(f"{label:32s} ppl ptb {row['ppl_ptb']:9.2f} bbc {row['ppl_bbc']:9.2f}  "
-              f"{row['disk_bytes'] / 2**20:7.1f} MiB  prefill {row['prefill_s']:.2f} s", flush=True)
+        print(f"{label:36s} ppl ptb {row['ppl_ptb']:9.2f} bbc {row['ppl_bbc']:9.2f} "
+              + (f"valid {row['valid_ptb']:8.2f} {row['valid_bbc']:8.2f} " if valid else "")
+              + f"{row['disk_bytes'] / 2**20:7.1f} MiB  prefill {row['prefill_s']:.2f} s", flush=True)
         return row
 
     def flush(self) -> None:
-        dense = next((r for r in self.rows if r["kind"] == "dense"), None)
-        if dense:
-            for r in self.rows:
-                r["bytes_vs_fp32"] = r["disk_bytes"] / dense["disk_bytes"]
-                r["prefill_tok_s"] = self.prompt.shape[1] / r["prefill_s"]
-                r["prefill_vs_dense"] = dense["prefill_s"] / r["prefill_s"]
         write_result(self.args.name, self.data)
 
-    def run(self) -> None:
-        def save_dense(m, folder):
-            m.save_pretrained(str(folder))
+    def save_q(self, m, folder) -> None:
+        save_quantized(m, folder, tokenizer=self.tok)
 
-        def save_q(m, folder):
-            save_quantized(m, folder, tokenizer=self.tok)
-
-        if not self.args.only:
-            self.measure(self.base, "dense fp32", "dense", save_dense, valid=True)
-        plan = PLAN if not self.args.only else [
-            (int(b), m, tuple(int(r) for r in rs.split("/") if r)) for b, m, rs in
-            (item.split(":") for item in self.args.only.split(","))]
-        for bits, method, ranks in plan:
-            model = copy.deepcopy(self.base)
-            cfg = QuantizeConfig(bits=bits, group_size=GROUP, method=method,
-                                 eora_rank=max(ranks) if ranks else None, progress=False)
-            res = quantize(model, cfg, calib=self.calib, tokenizer=self.tok)
-            common = {"bits": bits, "method": method, "quant_seconds": res.seconds,
-                      "mean_rel_err": res.mean_rel_err}
-            for r in sorted(ranks, reverse=True):
-                truncate_eora(model, r)
-                self.measure(model, f"{method} {bits}-bit + EoRA {r}", "quant+eora", save_q, eora_rank=r, **common)
+    def quant(self, bits: int, method: str, variant: str, ranks: tuple[int, ...], label: str, valid: bool,
+              plain: bool, model=None, kind: str = "quant", **extra) -> None:
+        """One quantisation (EoRA at the largest of ``ranks``), measured at every rank (exact truncations)."""
+        calib_text, act_order = VARIANTS[variant]
+        model = model if model is not None else copy.deepcopy(self.base)
+        cfg = QuantizeConfig(bits=bits, group_size=GROUP, method=method, eora_rank=max(ranks) if ranks else None,
+                             calib=calib_text, act_order=act_order, progress=False)
+        needs = method == "gptq" or ranks
+        res = quantize(model, cfg, calib=self.calib(calib_text) if needs else None, tokenizer=self.tok)
+        common = {"bits": bits, "method": method, "quant_seconds": res.seconds + extra.pop("seconds", 0.0),
+                  "mean_rel_err": res.mean_rel_err, **extra}
+        if method == "gptq" or ranks:
+            common.update(calib=calib_text, act_order=act_order, variant=variant)
+        for r in sorted(ranks, reverse=True):
+            truncate_eora(model, r)
+            self.measure(model, f"{label} + EoRA {r}", "quant+eora" if kind == "quant" else kind, self.save_q,
+                         eora_rank=r, **common)
+        if plain:
             truncate_eora(model, 0)
-            if _row(self.rows, f"{method} {bits}-bit") is None:  # RTN needs no data: its plain row is measured once
-                self.measure(model, f"{method} {bits}-bit", "quant", save_q, eora_rank=0,
-                             valid=(bits, method) in VALID_FOR, **common)
-            del model
-            gc.collect()
-        for ratio in () if self.args.only else (0.2,):
+            # with EoRA ranks the later blocks were calibrated on the corrected model's outputs (GPTQ only)
+            self.measure(model, label, kind, self.save_q, valid=valid, eora_rank=0,
+                         calibrated_with_eora=max(ranks) if ranks and method == "gptq" else 0, **common)
+        del model
+        gc.collect()
+
+    def job(self, job: str) -> None:
+        """dense | rtn3 | gptq3:VARIANT | gptq3e:VARIANT | rtnB (B = 8, 4, 2) | gptqB:VARIANT | lowrank0.2:VARIANT"""
+        name, _, variant = job.partition(":")
+        variant = variant or "ptb"
+        if name == "dense":
+            self.measure(self.base, "dense fp32", "dense", lambda m, f: m.save_pretrained(str(f)), valid=True)
+        elif name == "rtn3":  # RTN ignores data: the plain row after truncation is plain RTN exactly
+            self.quant(3, "rtn", variant, (64, 32, 16), "rtn 3-bit", valid=True, plain=True)
+        elif name == "gptq3":
+            self.quant(3, "gptq", variant, (), f"gptq 3-bit [{variant}]", valid=True, plain=True)
+        elif name == "gptq3e":
+            self.quant(3, "gptq", variant, (64, 32, 16), f"gptq 3-bit [{variant}]", valid=False, plain=False)
+        elif name in ("rtn8", "rtn4", "rtn2"):
+            bits = int(name[3:])
+            self.quant(bits, "rtn", variant, (32,), f"rtn {bits}-bit", valid=False, plain=True)
+        elif name in ("gptq8", "gptq4", "gptq2"):
+            bits = int(name[4:])
+            self.quant(bits, "gptq", variant, (32,), f"gptq {bits}-bit [{variant}]", valid=False, plain=True)
+        elif name.startswith("lowrank"):
+            ratio = float(name[len("lowrank"):])
             model = copy.deepcopy(self.base)
             t = time.perf_counter()
-            compress(model, CompressConfig(ratio=ratio, progress=False), calib=self.calib, tokenizer=self.tok)
+            compress(model, CompressConfig(ratio=ratio, progress=False), calib=self.calib("ptb"), tokenizer=self.tok)
             secs = time.perf_counter() - t
 
             def save_lr(m, folder):
@@ -160,15 +189,15 @@ class Bench:
                 rankwise.save(m, folder, tokenizer=self.tok)
 
             self.measure(model, f"low rank ρ={ratio}", "lowrank", save_lr, ratio=ratio, quant_seconds=secs)
-            res = quantize(model, QuantizeConfig(bits=4, group_size=GROUP, method="gptq", progress=False),
-                           calib=self.calib, tokenizer=self.tok)
-            self.measure(model, f"low rank ρ={ratio} + gptq 4-bit", "lowrank+quant", save_q, ratio=ratio, bits=4,
-                         method="gptq", quant_seconds=secs + res.seconds)
-            del model
-            gc.collect()
-        self.data["goals"] = goals(self.rows)
+            self.quant(4, "gptq", variant, (), f"low rank ρ={ratio} + gptq 4-bit [{variant}]", valid=False,
+                       plain=True, model=model, kind="lowrank+quant", ratio=ratio, seconds=secs)
+        else:
+            raise SystemExit(f"unknown job {job!r}")
+
+    def run(self) -> None:
+        for job in self.args.jobs.split(","):
+            self.job(job)
         self.flush()
-        plot(self.rows)
 
 
 def _row(rows: list[dict], label: str) -> dict | None:
@@ -246,8 +275,8 @@ def plot(rows: list[dict]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--plot-only", action="store_true", help="merge bench/results/quantize*.json, redraw, print goals")
-    p.add_argument("--only", default=None, metavar="BITS:METHOD:R1/R2,...",
-                   help="measure only these quantisations (no dense or low-rank rows), e.g. 3:gptq:,4:gptq:32")
+    p.add_argument("--jobs", default=DEFAULT_JOBS, help="comma-separated jobs (see Bench.job); parallel runs use "
+                                                         "different --name quantize_X, merged by --plot-only")
     p.add_argument("--name", default=NAME, help="result name (bench/results/NAME.json)")
     args = p.parse_args()
     if args.plot_only:

@@ -40,7 +40,7 @@ __all__ = ["METHODS", "QuantizeConfig", "QuantizeResult", "quantize"]
 #: quantisers by name: fn(weight m×n, xtx n×n or None, config) -> QuantizedWeight
 METHODS: Registry[Callable[..., QuantizedWeight]] = Registry("quantisation method")
 METHODS.register("rtn", lambda w, xtx, c: rtn(w, c.bits, c.group_size))
-METHODS.register("gptq", lambda w, xtx, c: gptq(w, xtx, c.bits, c.group_size, damp=c.damp))
+METHODS.register("gptq", lambda w, xtx, c: gptq(w, xtx, c.bits, c.group_size, damp=c.damp, act_order=c.act_order))
 _NEEDS_DATA = {"gptq"}
 
 
@@ -61,6 +61,8 @@ class QuantizeConfig:
     seq_len: int = field(default=256, metadata={"help": "tokens per calibration window"})
     seed: int = field(default=0, metadata={"help": "calibration sampling seed"})
     damp: float = field(default=0.01, metadata={"help": "gptq: damping added to H's diagonal, × its mean"})
+    act_order: bool = field(default=False, metadata={
+        "help": "gptq: quantise columns in descending order of their input energy diag(XᵀX) (static groups)"})
     sequential: bool = field(default=True, metadata={
         "help": "gptq/EoRA: block ℓ is calibrated on the outputs of the quantised blocks < ℓ"})
     targets: str | None = field(default=None, metadata={"help": "regex of module names to quantise (default: all "
@@ -81,6 +83,9 @@ class QuantizeConfig:
         check_int(self.calib_samples, "--calib-samples", minimum=1)
         if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise RankwiseError(f"--seq-len must be a whole number ≥ 2, got {self.seq_len!r}.")
+        if not isinstance(self.act_order, bool) or not isinstance(self.sequential, bool):
+            raise RankwiseError(f"act_order and sequential must be True or False, got {self.act_order!r} and "
+                                f"{self.sequential!r}.")
         if not isinstance(self.damp, (int, float)) or not math.isfinite(self.damp) or not 0 < self.damp < 1:
             raise RankwiseError(f"--damp must lie in (0, 1), got {self.damp!r}.")
         check_int(self.batch_size, "batch_size", minimum=1)
