@@ -1,4 +1,5 @@
-"""The one training loop of rankwise: ``transformers.Trainer`` (used by ``rankwise tune``, and by ``train``).
+"""The one training loop of rankwise: ``transformers.Trainer``, used by ``rankwise tune``, ``rankwise train``,
+compression healing and the benchmarks (no other loop in rankwise calls ``optimizer.step()``).
 
 Gradient accumulation, mixed precision, logging, checkpoints and resume come
 from the HF Trainer; rankwise adds
@@ -13,10 +14,19 @@ from the HF Trainer; rankwise adds
   adapters (``adapter.safetensors`` + ``rankwise_adapter.json``, resumed by
   copying them back); PEFT models already checkpoint their adapter only;
 * AdaLoRA's budget schedule (``update_and_allocate`` after each optimizer step);
+* callbacks that change the model's structure mid-run (Cuttlefish switching a
+  matrix to factors) survive Trainer checkpoints: on resume the switches are
+  replayed, in their order, into the live model and optimizer before the
+  weights and the optimizer state are loaded (``rebuild`` below);
+* any optimizer (GaLore, Fira, ...) and scheduler: ``optimizers=(opt, sched)``;
+* data parallelism from the launcher: under ``torchrun`` the Trainer wraps the
+  model in DDP; a model the caller already sharded with FSDP2's
+  ``fully_shard`` trains as it is (see :func:`train`);
 * :func:`evaluate`: perplexity (lm) or accuracy (classify) on the test split.
 
-Defaults: AdamW (torch), linear decay to zero without warm-up, gradient
-clipping at 1.0, the loss logged every step (``TrainResult.losses``).
+Defaults: AdamW (torch), linear decay to zero without warm-up (``lr_schedule``),
+gradient clipping at 1.0, the loss logged every step (``TrainResult.losses``),
+per-step wall time and optimizer-state bytes measured by a callback.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from rankwise.errors import RankwiseError
 
 TASKS = ("lm", "classify")
 PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULES = ("linear", "constant", "cosine")
 DEFAULT_STEPS = 100
 
 
@@ -60,6 +71,9 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed of data order and random inits"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip (0: off)"})
+    lr_schedule: str = field(default="linear", metadata={"help": "learning-rate schedule (no warm-up): linear "
+                                                                 "decay to 0, constant or cosine",
+                                                         "choices": SCHEDULES})
     precision: str = field(default="fp32", metadata={"help": "fp32, or bf16 / fp16 mixed precision",
                                                      "choices": PRECISIONS})
     max_train: int | None = field(default=None, metadata={"help": "classify: use N training texts"})
@@ -86,6 +100,8 @@ class TrainConfig:
             self.task = "classify" if self.data == "bbc" or Path(str(self.data)).expanduser().is_dir() else "lm"
         if self.task not in TASKS:
             raise RankwiseError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}.")
+        if self.lr_schedule not in SCHEDULES:
+            raise RankwiseError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}.")
         if self.precision not in PRECISIONS:
             raise RankwiseError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
         if self.steps is not None and self.epochs is not None:
@@ -118,7 +134,13 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """Losses and timings of one run."""
+    """Losses and timings of one run.
+
+    ``losses`` are the Trainer's per-step logged losses (under data parallelism: the mean over the
+    processes); ``step_seconds`` the wall time of each optimizer step of this call; ``state`` the
+    optimizer-state bytes after the last step (:class:`rankwise.train.memory.StateMemory` as a dict) and
+    ``peak_state_bytes`` the largest total seen after any step.
+    """
 
     steps: int
     losses: list[float]
@@ -128,13 +150,16 @@ class TrainResult:
     peak_memory_delta_mb: float
     examples: int
     memory_kind: str = "rss"
+    step_seconds: list[float] = field(default_factory=list)
+    state: dict[str, int] | None = None
+    peak_state_bytes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["first_loss"] = self.losses[0] if self.losses else None
         d["final_loss"] = sum(self.losses[-10:]) / max(1, len(self.losses[-10:])) if self.losses else None
-        del d["losses"]
+        del d["losses"], d["step_seconds"]
         return d
 
 
@@ -288,22 +313,104 @@ class RankwiseTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        if not _has_native_adapter(model):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
-        from rankwise.tune.api import restore_adapter_tensors
+        if _has_native_adapter(model):
+            from rankwise.tune.api import restore_adapter_tensors
 
-        restore_adapter_tensors(model, resume_from_checkpoint)
-        return None
+            restore_adapter_tensors(model, resume_from_checkpoint)
+            return None
+        if _stored_structure(self, resume_from_checkpoint):
+            # the checkpoint's layers were factorised by a callback mid-run: this (dense) model cannot take its
+            # weights yet; they are loaded once the switches are replayed (_load_optimizer_and_scheduler)
+            self._pending_rebuild = resume_from_checkpoint
+            return None
+        return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Resume: restore rankwise callbacks' state and replay their structural changes, then load as usual.
+
+        The Trainer builds (or was given) the optimizer over the model as it was at the start; a callback that
+        switched layers to factors mid-run also moved their parameters inside the optimizer. Replaying the
+        switches here, with the same :func:`rankwise.train.callbacks.replace_in_optimizer`, gives the optimizer
+        the parameter layout of the interrupted run, so its saved state loads into the right tensors.
+        """
+        if checkpoint is not None:
+            rebuilt = rebuild(self, checkpoint)
+            if getattr(self, "_pending_rebuild", None) == checkpoint:
+                self._pending_rebuild = None
+                if not rebuilt:
+                    raise RankwiseError(f"cannot resume from {checkpoint}: its layers were factorised by a callback "
+                                        "that this run does not have; pass the same callbacks.")
+                super()._load_from_checkpoint(checkpoint, model=self.accelerator.unwrap_model(self.model))
+        return super()._load_optimizer_and_scheduler(checkpoint)
 
 
-class _StepCounter(TrainerCallback):
-    """Counts the optimizer steps run in this call (a resumed run starts past its checkpoint)."""
+def _callback_states(trainer: Trainer, checkpoint: str) -> list[tuple[Any, dict]]:
+    """(live callback, its stored state) for every rankwise callback saved in ``checkpoint``'s trainer state."""
+    import json
+
+    path = os.path.join(checkpoint, "trainer_state.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as fh:
+        stored = json.load(fh).get("stateful_callbacks") or {}
+    out = []
+    for name, data in stored.items():
+        live = [cb for cb in trainer.callback_handler.callbacks
+                if type(cb).__name__ == name and hasattr(cb, "load_state") and hasattr(cb, "rebuild")]
+        out.extend(zip(live, data if isinstance(data, list) else [data]))
+    return out
+
+
+def _stored_structure(trainer: Trainer, checkpoint: str) -> bool:
+    """Whether ``checkpoint`` records layers that a callback factorised during the run."""
+    import json
+
+    path = os.path.join(checkpoint, "trainer_state.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as fh:
+        stored = json.load(fh).get("stateful_callbacks") or {}
+    for data in stored.values():
+        for item in data if isinstance(data, list) else [data]:
+            events = (item.get("attributes") or {}).get("events") or []
+            if any(e.get("action") == "factorise" and e.get("step") is not None for e in events):
+                return True
+    return False
+
+
+def rebuild(trainer: Trainer, checkpoint: str) -> int:
+    """Restore each rankwise callback's state from ``checkpoint`` and replay its switches; returns how many."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    n = 0
+    for cb, data in _callback_states(trainer, checkpoint):
+        cb.load_state(data.get("attributes") or {})
+        n += cb.rebuild(model, trainer.optimizer)
+    return n
+
+
+class _Meter(TrainerCallback):
+    """Wall time of each optimizer step of this call and the optimizer-state bytes after it."""
 
     def __init__(self) -> None:
-        self.steps = 0
+        self.step_seconds: list[float] = []
+        self.state: Any = None
+        self.peak_state = 0
+        self._t0 = 0.0
 
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001 - TrainerCallback signature
-        self.steps += 1
+    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001 - TrainerCallback signature
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):  # noqa: ANN001
+        self.step_seconds.append(time.perf_counter() - self._t0)
+        if optimizer is not None:
+            from rankwise.train.memory import optimizer_state_bytes
+
+            self.state = optimizer_state_bytes(optimizer)
+            self.peak_state = max(self.peak_state, self.state.total)
+
+    @property
+    def steps(self) -> int:
+        return len(self.step_seconds)
 
 
 class _LossBar(TrainerCallback):
@@ -348,8 +455,8 @@ def _is_adalora(model: nn.Module) -> bool:
 
 
 def training_arguments(cfg: TrainConfig, lr: float, output_dir: str, progress: bool = True,
-                       device: str | None = None) -> TrainingArguments:
-    """The ``TrainingArguments`` of a run: AdamW, linear decay, per-step logging, optional checkpoints."""
+                       device: str | None = None, find_unused_parameters: bool | None = None) -> TrainingArguments:
+    """The ``TrainingArguments`` of a run: AdamW, ``cfg.lr_schedule``, per-step logging, optional checkpoints."""
     from rankwise.engine.device import resolve_device
 
     dev = resolve_device(device or cfg.device)
@@ -363,7 +470,7 @@ def training_arguments(cfg: TrainConfig, lr: float, output_dir: str, progress: b
         learning_rate=lr,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.grad_clip,
-        lr_scheduler_type="linear",
+        lr_scheduler_type=cfg.lr_schedule,
         warmup_steps=0,
         optim="adamw_torch",
         logging_steps=1,
@@ -379,23 +486,53 @@ def training_arguments(cfg: TrainConfig, lr: float, output_dir: str, progress: b
         remove_unused_columns=False,
         label_names=["labels"],
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=find_unused_parameters,
     )
 
 
+def _is_fsdp2_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
 def train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *, collator: Any = None,
-          lr: float | None = None, optimizer: torch.optim.Optimizer | None = None,
-          callbacks: Sequence[TrainerCallback] = (), progress: bool = True) -> TrainResult:
+          lr: float | None = None, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+          callbacks: Sequence[TrainerCallback] = (), progress: bool = True, desc: str | None = None) -> TrainResult:
     """Train ``model``'s trainable parameters with the HF Trainer; returns per-step losses and timings.
 
-    ``lr`` defaults to ``cfg.lr`` (one of them must be set). ``optimizer`` replaces the AdamW the
-    Trainer would build (``Trainer(optimizers=(optimizer, None))``; the linear schedule stays).
+    ``lr`` defaults to ``cfg.lr`` (one of them must be set). ``optimizer`` (and ``scheduler``) replace the
+    AdamW and the ``cfg.lr_schedule`` schedule the Trainer would build: ``Trainer(optimizers=(optimizer,
+    scheduler))``; with ``scheduler=None`` the Trainer builds ``cfg.lr_schedule`` over the given optimizer.
     Checkpoints go to ``cfg.checkpoints`` every ``cfg.save_steps``; ``cfg.resume`` resumes.
+
+    Data parallelism comes from the launcher: under ``torchrun`` (an initialised process group) each
+    process takes its ``cfg.batch_size`` share of every step and the Trainer wraps the model in DDP
+    (``find_unused_parameters`` when a callback replaces parameters mid-run, as Cuttlefish does). A model
+    already sharded with FSDP2 (``fully_shard``) trains as it is: it is marked as the Trainer's
+    "sharded at load time" model, so neither DDP nor Accelerate's own FSDP wraps it again. (Accelerate's
+    FSDP2 plugin is not used because on CPU/gloo it silently falls back to DDP, and GaLore's optimizer
+    has to be built on the sharded parameters anyway; such a run cannot write resumable checkpoints.)
     """
     lr = lr if lr is not None else cfg.lr
     if lr is None:
         raise RankwiseError("no learning rate: set TrainConfig(lr=...) or pass lr=.")
     if not any(p.requires_grad for p in model.parameters()):
         raise RankwiseError("nothing to train: no parameter requires grad (apply an adapter first).")
+    if scheduler is not None and optimizer is None:
+        raise RankwiseError("a scheduler needs its optimizer: pass optimizer= with scheduler=.")
+    sharded = _is_fsdp2_sharded(model)
+    if sharded:
+        if cfg.save_steps or cfg.resume:
+            raise RankwiseError("a run on an FSDP-sharded model cannot write or resume Trainer checkpoints; "
+                                "drop --save-steps/--resume or train with DDP (torchrun without --fsdp).")
+        if optimizer is None:
+            raise RankwiseError("an FSDP-sharded model needs its optimizer built on the sharded parameters: "
+                                "pass optimizer=.")
+        # transformers' own marker for a model sharded before the Trainer (from_pretrained(distributed_config=...)
+        # sets it): the Trainer then neither wraps it in DDP nor re-shards it, and keeps any replicated parameter
+        # in sync. Set here because rankwise shards with fully_shard itself (rankwise.cli.train_cmd).
+        model._is_distributed_loading_by_transformers = True
     scratch = None
     out_dir = cfg.checkpoints
     if out_dir is None:
@@ -406,18 +543,19 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig,
         resume = True
     elif resume is not None and not os.path.isdir(resume):
         raise RankwiseError(f"--resume {resume}: no such checkpoint folder.")
-    args = training_arguments(cfg, lr, out_dir, progress=progress)
-    counter = _StepCounter()
-    cbs = [*callbacks, counter]
+    replaces = any(getattr(cb, "replaces_parameters", False) for cb in callbacks)
+    args = training_arguments(cfg, lr, out_dir, progress=progress, find_unused_parameters=True if replaces else None)
+    meter = _Meter()
+    cbs = [*callbacks, meter]
     if _is_adalora(model):
         cbs.append(_AdaLoraSchedule(model))
     trainer = RankwiseTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator or lm_collate,
-                              optimizers=(optimizer, None), callbacks=cbs)
+                              optimizers=(optimizer, scheduler), callbacks=cbs)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(_LossBar(progress, f"train {cfg.task}"))
+    trainer.add_callback(_LossBar(progress and args.should_save, desc or f"train {cfg.task}"))
     from rankwise.evaluation.memory import PeakMemory
 
     t0 = time.perf_counter()
@@ -435,9 +573,11 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig,
     model.eval()
     losses = [float(e["loss"]) for e in trainer.state.log_history if "loss" in e and "step" in e]
     steps = int(out.global_step)
-    return TrainResult(steps=steps, losses=losses, seconds=seconds, s_per_step=seconds / max(1, counter.steps),
+    return TrainResult(steps=steps, losses=losses, seconds=seconds, s_per_step=seconds / max(1, meter.steps),
                        peak_memory_mb=mem.peak_mb, peak_memory_delta_mb=mem.extra_mb, memory_kind=mem.kind,
-                       examples=steps * cfg.batch_size * cfg.grad_accum)
+                       examples=steps * cfg.batch_size * cfg.grad_accum * args.world_size,
+                       step_seconds=meter.step_seconds,
+                       state=None if meter.state is None else meter.state.to_dict(), peak_state_bytes=meter.peak_state)
 
 
 # -- evaluation -----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Examples::
     rankwise train --optimizer galore --from-scratch --data ptb --steps 5 --out out/tr
     rankwise train smollm2-135m --optimizer fira --rank 64 --steps 50 --lr 1e-4 --out out/fira
     rankwise train --optimizer adamw --callback cuttlefish --from-scratch --steps 40 --out out/cf
+    rankwise train --regime sltrain --optimizer adamw --from-scratch --steps 40 --out out/sl --export-dense out/sl-d
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from typing import Any
 
 from rankwise.config import add_config_arguments, config_from_args, positive_int, whole_int
-from rankwise.train.config import TrainRunConfig, build_callback, build_optimizer
+from rankwise.train.config import TrainRunConfig, build_callback, build_optimizer, build_regime
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, TrainRunConfig, skip=("steps",))
     parser.add_argument("--out", required=True, help="output folder (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--export-dense", default=None, metavar="DIR",
+                        help="also write a plain transformers folder (regime layers multiplied out) here")
     parser.add_argument("--json", default=None, help="also write the run summary as JSON here ('-' = stdout)")
     parser.add_argument("--threads", type=positive_int("--threads"), default=None,
                         help="CPU threads for torch (default: torch's choice; 1 is faster on a busy shared machine)")
@@ -39,6 +42,14 @@ def _check(args: argparse.Namespace, config: TrainRunConfig) -> None:
     p = check_writable(args.out, is_dir=True)
     if p.exists() and not args.overwrite:
         raise RankwiseError(f"output folder {p} already exists; pass --overwrite or another --out.")
+    if getattr(args, "export_dense", None):
+        from pathlib import Path
+
+        d = check_writable(args.export_dense, is_dir=True)
+        if d.resolve() == Path(p).resolve():
+            raise RankwiseError("--export-dense must differ from --out.")
+        if d.exists() and not args.overwrite:
+            raise RankwiseError(f"output folder {d} already exists; pass --overwrite or another --export-dense.")
     if config.fsdp:
         from rankwise.compression.distributed import Dist
 
@@ -79,15 +90,13 @@ def run(args: argparse.Namespace) -> int:
     from rankwise.io.atomic import atomic_dir, atomic_outputs
     from rankwise.io.checkpoint import factorised_layers
     from rankwise.io.checkpoint import save as save_checkpoint
-    from rankwise.io.texts import load_text
-    from rankwise.train.loop import train_loop, training_windows
     from rankwise.train.memory import human_bytes
 
     config = config_from_args(TrainRunConfig, args)  # validates (one-line errors)
     _check(args, config)
     dist = Dist.current()  # under torchrun: a process group (gloo); process 0 evaluates and writes
-    outputs = (atomic_outputs(dirs=[args.out], files=[args.json], overwrite=args.overwrite)  # put in place together
-               if dist.is_writer else None)
+    outputs = (atomic_outputs(dirs=[args.out, args.export_dense], files=[args.json],  # put in place together
+                              overwrite=args.overwrite) if dist.is_writer else None)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(config.seed)
@@ -97,28 +106,25 @@ def run(args: argparse.Namespace) -> int:
     if callback is not None:
         callback.check_model(model)
     n_params0 = sum(p.numel() for p in model.parameters())
-    trained = _parallel(model, args, dist, callback is not None)
+    regime = build_regime(config)
+    regime.prepare(model)  # sltrain / relora / lost: the target matrices become the regime's layers
+    if config.fsdp and dist.enabled:
+        _shard(model)  # before the optimizer: GaLore's state is built on the row shards
     optimizer = build_optimizer(model, config)
-    text = load_text(config.data, "train")
-    # one process's batch of batch_size windows per step; N processes take interleaved shares of N·batch_size
-    windows = training_windows(tok, text, config.steps, config.batch_size * dist.world, config.seq_len,
-                               seed=config.seed, name=config.data)
-    if dist.enabled:
-        windows = windows.view(config.steps, config.batch_size * dist.world, -1)[:, dist.rank :: dist.world]
-        windows = windows.reshape(-1, config.seq_len)
+    scheduler = regime.scheduler(optimizer, config.steps)  # relora: the jagged cosine schedule
     t0 = time.perf_counter()
-    result = train_loop(
-        trained, optimizer, windows, config.batch_size, callbacks=[callback] if callback else [],
-        progress=not args.no_progress and dist.is_writer, desc=f"train {config.optimizer}",
-    )
+    result = fit(model, tok, config, optimizer, scheduler=scheduler,
+                 callbacks=([callback] if callback else []) + regime.callbacks(), world=dist.world,
+                 progress=not args.no_progress and dist.is_writer)
     train_s = time.perf_counter() - t0
     shared = _shared_numbers(result, dist)
-    model = _gathered(model, trained, args, dist)
+    model = _gathered(model, args, dist)
     if not dist.is_writer:
         return 0
     ppl = None
     if config.eval_tokens > 0:
         from rankwise.evaluation.perplexity import perplexity
+        from rankwise.io.texts import load_text
 
         test = load_text("ptb", "test")
         seq = min(config.eval_seq_len, config.eval_tokens)
@@ -132,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         "update_proj_gap": None if config.optimizer == "adamw" else config.update_gap,
         "scale": None if config.optimizer == "adamw" else config.scale,
         "callback": config.callback,
+        "regime": regime.summary(model),
         "from_scratch": bool(config.from_scratch),
         "model": str(config.model or "smollm2-135m"),
         "data": config.data,
@@ -142,19 +149,20 @@ def run(args: argparse.Namespace) -> int:
         "params_after": sum(p.numel() for p in model.parameters()),
         "factorised_layers": len(layers),
         "perplexity": None if ppl is None else ppl.to_dict(),
-        "train": result.to_dict(),
-        "callback_events": result.events,
+        "train": result,
+        "callback_events": result["events"],
         # machine-readable headline numbers (over all processes)
         "final_loss": shared["final_loss"],
-        "steps": result.steps,
-        "tokens_per_second": result.tokens * dist.world / train_s if train_s > 0 else None,
+        "steps": result["steps"],
+        "tokens_per_second": result["tokens"] * dist.world / train_s if train_s > 0 else None,
         "optimizer_state_bytes_per_rank": shared["state_bytes"],
         "parameters": sum(p.numel() for p in model.parameters()),
         "peak_memory_bytes": shared["peak_memory"],
         "processes": dist.world,
         "parallel": "fsdp" if config.fsdp and dist.enabled else ("ddp" if dist.enabled else None),
     }
-    method = f"train:{config.optimizer}" + (f"+{config.callback}" if config.callback else "")
+    method = (f"train:{config.optimizer}" + (f"+{config.callback}" if config.callback else "")
+              + (f"+{config.regime}" if config.regime != "dense" else ""))
     meta = {"method": method, "train": summary}
     with outputs:
         with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
@@ -164,21 +172,25 @@ def run(args: argparse.Namespace) -> int:
                 model.save_pretrained(str(tmp))
                 tok.save_pretrained(str(tmp))
             write_json(summary, str(tmp / "train.json"))
+        if args.export_dense:
+            from rankwise.train.regimes.base import export_dense
+
+            export_dense(model, args.export_dense, tokenizer=tok, overwrite=args.overwrite)
         if args.json:
             write_json(summary, args.json)
-    st = result.state
+    st = result["state"]
     console.print(
-        f"[bold]rankwise train[/bold] {config.optimizer}: {result.steps} steps x {config.batch_size}x{config.seq_len} "
-        f"tokens, final loss {result.final_loss:.3f} (first {result.losses[0]:.3f}), "
-        f"{result.seconds_per_step:.2f} s/step"
+        f"[bold]rankwise train[/bold] {config.optimizer}: {result['steps']} steps x {config.batch_size}x"
+        f"{config.seq_len} tokens, final loss {result['final_loss']:.3f} (first {result['losses'][0]:.3f}), "
+        f"{result['seconds_per_step']:.2f} s/step"
     )
     if st is not None:
         console.print(
-            f"optimizer state {human_bytes(st.total)} (projected matrices {human_bytes(st.projected)}, "
-            f"rest {human_bytes(st.plain)})"
+            f"optimizer state {human_bytes(st['total'])} (projected matrices {human_bytes(st['projected'])}, "
+            f"rest {human_bytes(st['plain'])})"
         )
     if config.callback:
-        done = [e for e in result.events if e.get("action") == "factorise"]
+        done = [e for e in result["events"] if e.get("action") == "factorise"]
         console.print(
             f"{config.callback}: {len(done)} layers factorised; parameters {n_params0:,} -> "
             f"{summary['params_after']:,}"
@@ -189,25 +201,63 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parallel(model: Any, args: argparse.Namespace, dist: Any, has_callback: bool) -> Any:
-    """The module the loop trains: ``model`` itself, sharded in place (--fsdp), or wrapped in DDP."""
-    if not dist.enabled:
-        return model
-    if args.fsdp:
-        from torch.distributed.fsdp import fully_shard
+def fit(model: Any, tok: Any, config: TrainRunConfig, optimizer: Any, scheduler: Any = None,
+        callbacks: list[Any] | None = None, world: int = 1, progress: bool = True) -> dict[str, Any]:
+    """Train ``model`` on ``config.data`` through the one loop, :func:`rankwise.training.train` (the HF Trainer).
 
-        from rankwise.compression.runner import find_blocks
-        from rankwise.surgery.targets import find_targets
+    Data: non-overlapping ``seq_len`` windows of the training text (BOS first) in the Trainer's seeded
+    shuffled order; each optimizer step takes ``batch_size`` windows per process (under torchrun the
+    processes take consecutive shares of one ``world × batch_size`` global batch), so two runs with the
+    same seed see the same batches. Constant learning rate unless ``scheduler`` is given; gradients
+    clipped at 1.0. Returns the run record written to ``train.json``'s ``"train"`` (losses, per-step
+    seconds, GaLore refresh seconds, optimizer-state bytes, callback events).
+    """
+    from rankwise.io.texts import load_text
+    from rankwise.training import LMWindows, TrainConfig, lm_collate
+    from rankwise.training import train as trainer_train
 
-        blocks = find_blocks(model, find_targets(model))
-        for block in blocks.modules if blocks is not None else []:
-            fully_shard(block)  # one all-gather per block in forward/backward
-        fully_shard(model)
-        return model
-    from torch.nn.parallel import DistributedDataParallel
+    callbacks = list(callbacks or [])
+    device = next(model.parameters()).device  # train where the model is (the Trainer does not move it)
+    tcfg = TrainConfig(task="lm", data=config.data, steps=config.steps, lr=config.learning_rate,
+                       batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed,
+                       weight_decay=config.weight_decay, grad_clip=1.0, lr_schedule="constant",
+                       device="cpu" if device.type == "cpu" else str(device))
+    dataset = LMWindows(tok, load_text(config.data, "train"), config.seq_len,
+                        need_windows=config.steps * config.batch_size * world)
+    res = trainer_train(model, dataset, tcfg, collator=lm_collate, lr=config.learning_rate, optimizer=optimizer,
+                        scheduler=scheduler, callbacks=callbacks, progress=progress,
+                        desc=f"train {config.optimizer}")
+    refresh = getattr(optimizer, "refresh_seconds", None)
+    losses = res.losses
+    tail = losses[-min(5, len(losses)):] if losses else []
+    times = sorted(res.step_seconds)
+    return {
+        "steps": res.steps,
+        "batch_size": config.batch_size,
+        "seq_len": config.seq_len,
+        "tokens": res.steps * config.batch_size * config.seq_len,  # this process's tokens
+        "losses": losses,
+        "step_seconds": res.step_seconds,
+        "refresh_seconds": list(refresh) if isinstance(refresh, list) else [],
+        "state": res.state,
+        "peak_state_bytes": res.peak_state_bytes,
+        "events": [e for cb in callbacks for e in getattr(cb, "events", [])],
+        "final_loss": float(sum(tail) / len(tail)) if tail else float("nan"),  # mean of the last min(5, steps)
+        "seconds_per_step": float(times[len(times) // 2]) if times else float("nan"),  # median
+    }
 
-    # a callback that factorises layers leaves their old weights unused (rankwise.train.callbacks)
-    return DistributedDataParallel(model, find_unused_parameters=has_callback)
+
+def _shard(model: Any) -> None:
+    """FSDP2 in place: one ``fully_shard`` unit per transformer block, then the root (embeddings, head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from rankwise.compression.runner import find_blocks
+    from rankwise.surgery.targets import find_targets
+
+    blocks = find_blocks(model, find_targets(model))
+    for block in blocks.modules if blocks is not None else []:
+        fully_shard(block)  # one all-gather per block in forward/backward
+    fully_shard(model)
 
 
 def _shared_numbers(result: Any, dist: Any) -> dict[str, Any]:
@@ -220,20 +270,18 @@ def _shared_numbers(result: Any, dist: Any) -> dict[str, Any]:
         peak = int(torch.cuda.max_memory_allocated())
     else:
         peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-    state = int(result.state.total) if result.state is not None else 0
-    tail = torch.tensor([result.final_loss], dtype=torch.float64)
+    state = int(result["state"]["total"]) if result["state"] is not None else 0
+    tail = torch.tensor([result["final_loss"]], dtype=torch.float64)
     dist.all_reduce_(tail)
     big = torch.tensor([state, peak], dtype=torch.float64)
     dist.all_reduce_(big, op="max")
     return {"final_loss": float(tail) / dist.world, "state_bytes": int(big[0]), "peak_memory": int(big[1])}
 
 
-def _gathered(model: Any, trained: Any, args: argparse.Namespace, dist: Any) -> Any:
-    """A plain, whole model to evaluate and save on process 0 (FSDP shards gathered; DDP unwrapped)."""
-    if not dist.enabled:
-        return model
-    if not args.fsdp:
-        return trained.module
+def _gathered(model: Any, args: argparse.Namespace, dist: Any) -> Any:
+    """A plain, whole model to evaluate and save on process 0 (FSDP shards gathered)."""
+    if not dist.enabled or not args.fsdp:
+        return model  # the Trainer wrapped the DDP copy, not the model
     import transformers
 
     from rankwise.train.sharded import is_sharded

@@ -5,9 +5,11 @@
   :func:`galore_param_groups` builds its groups for a Hugging Face model; :class:`GaLoreFactory`
   lets a Hugging Face ``Trainer`` build it (``optimizer_cls_and_kwargs``); under FSDP2 it works on
   the row shards (:mod:`rankwise.train.sharded`).
-* :class:`TRP`, :class:`Cuttlefish`: callbacks for HF ``Trainer`` or a plain loop.
+* :class:`TRP`, :class:`Cuttlefish`: HF ``TrainerCallback``s (their state and Cuttlefish's switches survive
+  Trainer checkpoints and resume).
 * :func:`optimizer_state_bytes`: optimizer-state memory counted from the tensors.
-* :func:`train_loop`, :func:`training_windows`: the loop ``rankwise train`` runs.
+* The loop ``rankwise train`` runs is the HF Trainer of :func:`rankwise.training.train` (the same as tune's);
+  :func:`rankwise.cli.train_cmd.fit` feeds it a ``TrainRunConfig``'s data.
 * :class:`TrainRunConfig`: the ``rankwise train`` run (CLI options come from it);
   :mod:`rankwise.train.config` ``OPTIMIZERS``, ``CALLBACKS``, ``PROJECTIONS``: the registries of names.
 """
@@ -18,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 _WHERE = {
     "TRP": "callbacks", "Cuttlefish": "callbacks", "replace_in_optimizer": "callbacks",
     "GaLoreAdamW": "galore", "GaLoreFactory": "galore", "galore_param_groups": "galore",
-    "TrainResult": "loop", "train_loop": "loop", "training_windows": "loop",
     "StateMemory": "memory", "optimizer_state_bytes": "memory",
     "Projector": "projector", "dct_basis": "projector",
     "TrainRunConfig": "config",
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
     from rankwise.train.callbacks import TRP, Cuttlefish, replace_in_optimizer
     from rankwise.train.config import TrainRunConfig
     from rankwise.train.galore import GaLoreAdamW, GaLoreFactory, galore_param_groups
-    from rankwise.train.loop import TrainResult, train_loop, training_windows
     from rankwise.train.memory import StateMemory, optimizer_state_bytes
     from rankwise.train.projector import Projector, dct_basis
 
@@ -50,12 +50,9 @@ __all__ = [
     "GaLoreFactory",
     "Projector",
     "StateMemory",
-    "TrainResult",
     "TrainRunConfig",
     "dct_basis",
     "galore_param_groups",
     "optimizer_state_bytes",
     "replace_in_optimizer",
-    "train_loop",
-    "training_windows",
 ]

@@ -1,12 +1,17 @@
 """Rank-shaping callbacks: TRP and Cuttlefish (docs/methods.md §5).
 
-Both work two ways:
+Both are Hugging Face ``TrainerCallback``s: ``Trainer(..., callbacks=[TRP(...)])``
+(the Trainer passes ``model`` and ``optimizer``; ``rankwise train`` runs them in
+:func:`rankwise.training.train`). For tests and custom code they can also be
+driven by hand: ``cb.on_step_end(model, step, optimizer=opt)`` after each
+``optimizer.step()`` (``step`` = number of steps done, from 1) and
+``cb.on_train_end(model)`` at the end.
 
-* as Hugging Face ``TrainerCallback``s: ``Trainer(..., callbacks=[TRP(...)])``
-  (the Trainer passes ``model`` and ``optimizer``);
-* from a plain loop: call ``cb.on_step_end(model, step, optimizer=opt)`` after
-  each ``optimizer.step()`` (``step`` = number of steps done, from 1) and
-  ``cb.on_train_end(model)`` at the end.
+Both are ``ExportableState``: a Trainer checkpoint records their history and
+events in ``trainer_state.json``; resuming with :class:`rankwise.training.RankwiseTrainer`
+(what :func:`rankwise.training.train` uses) restores them and replays Cuttlefish's
+switches into the model and optimizer before the checkpoint's weights and
+optimizer state are loaded, so a resumed run continues exactly.
 
 **TRP** (trained rank pruning): every ``penalty_every`` steps each target W takes
 a nuclear-norm step of size λ·penalty_every, W ← U max(Σ − λ', 0) Vᵀ, which is
@@ -32,12 +37,13 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from rankwise.engine.metrics import break_even_rank, energy_rank, stable_rank
 from rankwise.engine.svd import spectra, thin_svd
 from rankwise.errors import RankwiseError
 from rankwise.surgery.lowrank import LowRankLinear
-from rankwise.surgery.modules import set_module
+from rankwise.surgery.modules import get_module, set_module
 from rankwise.surgery.targets import Target, find_targets, is_matrix_module
 
 log = logging.getLogger("rankwise.train")
@@ -139,16 +145,45 @@ def _mark(model: nn.Module) -> None:
         mark_factorised(model)
 
 
-class _RankCallback(TrainerCallback):
+class _RankCallback(TrainerCallback, ExportableState):
     """Plain-loop / Hugging Face dual interface shared by TRP and Cuttlefish."""
 
     name = "callback"
+    replaces_parameters = False  # True: swaps layers mid-run (DDP must tolerate unused parameters)
 
     def __init__(self, targets: str | None = None, exclude: str | None = None) -> None:
         self.targets = targets
         self.exclude = exclude
         self.history: dict[str, list[tuple[int, float]]] = {}
         self.events: list[dict[str, Any]] = []
+        self._args: dict[str, Any] = {"targets": targets, "exclude": exclude}
+
+    # Trainer checkpoints ------------------------------------------------------------------------
+    _STATE = ("history", "events")
+
+    def state(self) -> dict[str, Any]:
+        """JSON-able ``{"args", "attributes"}`` (transformers' ``ExportableState``) stored in trainer_state.json."""
+        attrs = {}
+        for key in self._STATE:
+            value = getattr(self, key)
+            attrs[key] = sorted(value) if isinstance(value, set) else value
+        return {"args": dict(self._args), "attributes": attrs}
+
+    def load_state(self, attributes: dict[str, Any]) -> None:
+        """Restore what :meth:`state` stored (history as (step, value) pairs, sets as sets)."""
+        for key in self._STATE:
+            if key not in attributes:
+                continue
+            value = attributes[key]
+            if key == "history":
+                value = {k: [tuple(x) for x in v] for k, v in value.items()}
+            elif isinstance(getattr(self, key), set):
+                value = set(value)
+            setattr(self, key, value)
+
+    def rebuild(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
+        """Replay structural changes recorded in ``events`` into ``model`` and ``optimizer``; returns how many."""
+        return 0
 
     def check_model(self, model: nn.Module) -> list[Target]:
         """The target matrices of ``model``; one-line RankwiseError when it has none."""
@@ -206,6 +241,8 @@ class TRP(_RankCallback):
         exclude: str | None = None,
     ) -> None:
         super().__init__(targets, exclude)
+        self._args.update(lam=lam, every=every, energy=energy, penalty_every=penalty_every,
+                          factorize_at_end=factorize_at_end)
         if lam < 0:
             raise RankwiseError(f"TRP's nuclear-norm weight lam must be >= 0, got {lam}.")
         if int(every) <= 0 or int(penalty_every) <= 0:
@@ -218,6 +255,8 @@ class TRP(_RankCallback):
         self.penalty_every = int(penalty_every)
         self.factorize_at_end = factorize_at_end
         self.ranks: dict[str, int] = {}
+
+    _STATE = ("history", "events", "ranks")
 
     @torch.no_grad()
     def step_end(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None) -> None:
@@ -271,6 +310,8 @@ class Cuttlefish(_RankCallback):
     """Switch each matrix to B A at its stable rank once that rank has stopped moving."""
 
     name = "Cuttlefish"
+    replaces_parameters = True
+    _STATE = ("history", "events", "ranks", "done")
 
     def __init__(
         self,
@@ -283,6 +324,7 @@ class Cuttlefish(_RankCallback):
         exclude: str | None = None,
     ) -> None:
         super().__init__(targets, exclude)
+        self._args.update(check_every=check_every, tol=tol, patience=patience, warmup=warmup, rank_scale=rank_scale)
         if int(check_every) <= 0 or int(patience) <= 0:
             raise RankwiseError(f"Cuttlefish's check_every/patience must be positive, got {check_every}/{patience}.")
         if tol < 0 or rank_scale <= 0:
@@ -292,8 +334,17 @@ class Cuttlefish(_RankCallback):
         self.patience = int(patience)
         self.warmup = int(warmup)
         self.rank_scale = float(rank_scale)
-        self.done: set[str] = set()
+        self.done = set()
         self.ranks: dict[str, int] = {}
+
+    @property
+    def done(self) -> set[str]:
+        """Names of the matrices already decided (switched or kept dense)."""
+        return self._done
+
+    @done.setter
+    def done(self, value: Any) -> None:  # a set; transformers' own callback restore passes the stored list
+        self._done = set(value)
 
     def _settled(self, name: str) -> bool:
         h = [v for _, v in self.history.get(name, [])]
@@ -326,13 +377,40 @@ class Cuttlefish(_RankCallback):
                                     "stable_rank": sr})
                 log.info("Cuttlefish: %s stays dense (stable rank %.1f >= break-even)", t.name, sr)
                 continue
-            old = t.module.weight
-            old_params = [old] + ([t.bias] if t.bias is not None else [])
-            layer = LowRankLinear.from_linear(t.module, k)
-            set_module(model, t.name, layer)
-            new_params = [layer.A.weight, layer.B.weight] + ([layer.bias] if layer.bias is not None else [])
-            replace_in_optimizer(optimizer, old_params, new_params)
-            sync_new_parameters(new_params)  # under DDP: the factors join the gradient averaging
+            self._switch(model, t.name, k, optimizer)
             self.ranks[t.name] = k
             self.events.append({"step": step, "layer": t.name, "action": "factorise", "rank": k, "stable_rank": sr})
             log.info("Cuttlefish: step %d switched %s to rank %d (stable rank %.2f)", step, t.name, k, sr)
+
+    @staticmethod
+    def _switch(model: nn.Module, name: str, k: int, optimizer: torch.optim.Optimizer | None) -> None:
+        """Replace the dense matrix ``name`` by its rank-``k`` factors, in the model and in the optimizer.
+
+        A layer that is already a LowRankLinear (a model rebuilt from a checkpoint) only has its parameters
+        moved in the optimizer, exactly as the original switch moved them.
+        """
+        module = get_module(model, name)
+        if isinstance(module, LowRankLinear):
+            layer = module
+            old_params = list(layer.parameters())
+        else:
+            bias = getattr(module, "bias", None)
+            old_params = [module.weight] + ([bias] if bias is not None else [])
+            layer = LowRankLinear.from_linear(module, k)
+            set_module(model, name, layer)
+        new_params = [layer.A.weight, layer.B.weight] + ([layer.bias] if layer.bias is not None else [])
+        replace_in_optimizer(optimizer, old_params, new_params)
+        sync_new_parameters(new_params)  # under DDP: the factors join the gradient averaging
+
+    @torch.no_grad()
+    def rebuild(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
+        """Replay the recorded switches, in their order (the checkpoint's weights are loaded afterwards)."""
+        model = _unwrap_ddp(model, self.name)
+        n = 0
+        for e in self.events:
+            if e.get("action") == "factorise" and e.get("step") is not None:
+                self._switch(model, e["layer"], int(e["rank"]), optimizer)
+                n += 1
+        if n:
+            _mark(model)
+        return n
