@@ -9,7 +9,8 @@ Pipeline (docs/methods.md §2–§3), every calibration-driven stage through the
 3. calibration statistics block by block (each block on the work device, hidden states on the
    CPU); with ``sequential=True`` block ℓ sees the outputs of the already-compressed blocks < ℓ;
 4. allocate ranks (uniform / energy / welore / global) from the method's spectra under the
-   parameter budget; matrices that would reach break-even stay dense;
+   parameter budget; matrices that would reach break-even stay dense, and so do those whose rank
+   would make them slower than dense (``speed_guard``, allocation/speed.py);
 5. factorise each matrix with the chosen method and swap in ``LowRankLinear``.
 
 The same pipeline streams a checkpoint folder block by block
@@ -31,8 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.compression.allocation import ALLOCATORS, NEEDS_SPECTRA, allocate, check_reachable
+from rankwise.compression.allocation import ALLOCATORS, NEEDS_SPECTRA, check_reachable
 from rankwise.compression.allocation.greedy import NORMALISATIONS
+from rankwise.compression.allocation.speed import SPEED_GUARDS, check_speed_guard, guarded_allocate
 from rankwise.compression.calibration.loops import CalibInfo, text_windows, windows_forward_loop
 from rankwise.compression.calibration.sensitivity import OutputGradMeter, frozen, output_sensitivity
 from rankwise.compression.calibration.stats import LayerStats, StatsCollector
@@ -86,6 +88,16 @@ class CompressConfig:
                                 choices=("none", "fisher"))
     sens_samples: int = _f(8, "calibration windows of the loss-sensitivity pass")
     min_rank_frac: float = _f(0.0, "global allocation: no matrix below this fraction of the uniform rank, in [0, 1)")
+    speed_guard: str = _f("auto", "no factorised layer slower than its dense one: a matrix whose rank would exceed its "
+                          "speed break-even (layer cost model) stays dense; auto: applied unless the ratio is "
+                          "unreachable within it (then a warning), strict: an error then, off: no guard",
+                          choices=SPEED_GUARDS)
+    speed_tokens: str = _f("1,512", "speed guard: tokens per call the layers must not be slower at "
+                           "(1 = decode, 512 = prefill)")
+    speed_cost: str = _f("builtin", "speed guard: layer cost model: builtin (cost_model.json, fitted on a CPU), "
+                         "measure (fit on this machine now) or a FILE.json written by "
+                         "python -m rankwise.evaluation.cost_model --fit on the machine the model will run on",
+                         metavar="builtin|measure|FILE.json")
     skip_first: int = _f(0, "drop the first positions of each calibration window (BOS) from the statistics")
     asvd_alpha: float = _f(0.5, "asvd: column scaling exponent α")
     jitter: float = _f(1e-6, "whiten: relative diagonal jitter when XᵀX is singular")
@@ -112,7 +124,7 @@ class CompressConfig:
         self.ratio = check_ratio(self.ratio)
         METHODS.check(self.method)
         ALLOCATORS.check(self.alloc)
-        for name in ("shrink_target", "alloc_norm", "alloc_sensitivity"):
+        for name in ("shrink_target", "alloc_norm", "alloc_sensitivity", "speed_guard"):
             choices = next(f for f in fields(self) if f.name == name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise RankwiseError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
@@ -123,6 +135,7 @@ class CompressConfig:
                 raise RankwiseError(f"{name} must be a whole number ≥ {low}, got {v!r}.")
         if self.skip_first >= self.seq_len:
             raise RankwiseError(f"skip_first ({self.skip_first}) must be below seq_len ({self.seq_len}).")
+        check_speed_guard(self.speed_tokens, self.speed_cost)
         for name, lo, hi, closed in (("shrink", 0.0, 1.0, True), ("min_rank_frac", 0.0, 1.0, False),
                                      ("asvd_alpha", 0.0, 4.0, True), ("jitter", 0.0, 1.0, True)):
             v = getattr(self, name)
@@ -504,8 +517,9 @@ def run_pipeline(
             return False
 
         walk(spectra, seq=False, desc="calibrate + spectra")  # blocks are written by the factorisation pass only
-    alloc = allocate(
+    alloc = guarded_allocate(
         config.alloc, shapes, config.ratio, energies=energies if config.alloc in NEEDS_SPECTRA else None,
+        guard=config.speed_guard, tokens=config.speed_tokens, cost=config.speed_cost,
         norm=config.alloc_norm, min_rank_frac=config.min_rank_frac,
         sensitivity=[sensitivity[t.name] for t in targets] if sensitivity is not None else None,
     )

@@ -12,6 +12,9 @@ module, with the command that re-fits them on the machine at hand::
     python -m rankwise.evaluation.cost_model --fit --out src/rankwise/evaluation/cost_model.json
 
 ``measure=True`` instead times SmolLM2-shaped layers here and now (about a second).
+
+:func:`speed_max_ranks` turns this into per-matrix rank limits for the allocators
+(``rankwise.compress``'s ``speed_guard``): no factorised layer slower than its dense one.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import argparse
 import functools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -136,6 +139,13 @@ def _measured_model(tokens: int, shapes: tuple[tuple[int, int], ...]) -> LayerCo
     return measure_cost_model(tokens, shapes)
 
 
+def _nearest(models: Mapping[int, LayerCostModel], tokens: int) -> LayerCostModel:
+    near = min(models, key=lambda t: abs(math.log(t) - math.log(tokens)))
+    base = models[near]
+    return LayerCostModel(tokens=int(tokens), overhead_s=base.overhead_s, mac_rate=base.mac_rate,
+                          efficiency=base.efficiency)
+
+
 def cost_model(tokens: int = 512, measure: bool = False) -> LayerCostModel:
     """The layer cost model for ``tokens`` tokens per call.
 
@@ -147,22 +157,21 @@ def cost_model(tokens: int = 512, measure: bool = False) -> LayerCostModel:
         raise RankwiseError(f"tokens must be >= 1, got {tokens}.")
     if measure:
         return _measured_model(int(tokens), SMOLLM2_SHAPES)
-    near = min(DEFAULT_COST_MODELS, key=lambda t: abs(math.log(t) - math.log(tokens)))
-    base = DEFAULT_COST_MODELS[near]
-    return LayerCostModel(tokens=int(tokens), overhead_s=base.overhead_s, mac_rate=base.mac_rate,
-                          efficiency=base.efficiency)
+    return _nearest(DEFAULT_COST_MODELS, tokens)
 
 
 def speed_break_even_rank(
-    m: int, n: int, tokens: int | Sequence[int] = 512, measure: bool = False, model: LayerCostModel | None = None
+    m: int, n: int, tokens: int | Sequence[int] = 512, measure: bool = False,
+    model: LayerCostModel | Mapping[int, LayerCostModel] | None = None,
 ) -> int:
     """Largest rank k at which a factorised m×n layer (two matmuls) is not slower than the dense one.
 
     Also capped below the parameter break-even rank ⌈mn/(m+n)⌉ (a factorised
     layer must save parameters). ``tokens``: tokens per call (512 ≈ prefill,
     1 = decode); a sequence gives the minimum over them (not slower in any).
-    ``measure``/``model``: see :func:`cost_model`. Returns 0 when no rank
-    is fast enough (keep the layer dense).
+    ``measure``: see :func:`cost_model`; ``model``: one cost model for every token count, or
+    {tokens: model} (the nearest in log scale is used, like the packaged ones). Returns 0 when
+    no rank is fast enough (keep the layer dense).
     """
     if m < 1 or n < 1:
         raise RankwiseError(f"matrix shape must be positive, got {m}×{n}.")
@@ -170,9 +179,72 @@ def speed_break_even_rank(
     cap = break_even_rank(m, n) - 1
     best = cap
     for t in ts:
-        cm = model if model is not None else cost_model(int(t), measure=measure)
+        if isinstance(model, Mapping):
+            cm = _nearest(model, int(t))
+        else:
+            cm = model if model is not None else cost_model(int(t), measure=measure)
         best = min(best, math.floor(cm.break_even(m, n)))
     return max(0, best)
+
+
+COST_SOURCES = ("builtin", "measure")
+"""Named cost-model sources of :func:`resolve_cost_models`; anything else is a data-file path."""
+
+
+def resolve_cost_models(source: str | Path = "builtin") -> dict[int, LayerCostModel]:
+    """{tokens: model} from ``"builtin"`` (the packaged fit), ``"measure"`` (fit here, now) or a data file.
+
+    A data file is what ``python -m rankwise.evaluation.cost_model --fit --out FILE`` writes; fit it
+    on the machine the compressed model will run on.
+    """
+    if source == "builtin":
+        return dict(DEFAULT_COST_MODELS)
+    if source == "measure":
+        return {t: _measured_model(t, SMOLLM2_SHAPES) for t in sorted(DEFAULT_COST_MODELS)}
+    return load_cost_models(source)
+
+
+def parse_tokens(spec: str | int | Sequence[int]) -> tuple[int, ...]:
+    """``"1,512"`` (or ints) → (1, 512): tokens per call that a speed guard must not be slower at."""
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        parts: list = [spec]
+    elif isinstance(spec, str):
+        parts = [p.strip() for p in spec.split(",")]
+    else:
+        parts = list(spec)
+    out = []
+    for p in parts:
+        try:
+            v = int(p)
+        except (TypeError, ValueError):
+            v = 0
+        if isinstance(p, bool) or v < 1 or str(v) != str(p).strip():
+            raise RankwiseError(f"tokens per call must be whole numbers ≥ 1 separated by commas (e.g. 1,512), "
+                                f"got {spec!r}.")
+        out.append(v)
+    if not out:
+        raise RankwiseError(f"tokens per call must name at least one count (e.g. 1,512), got {spec!r}.")
+    return tuple(sorted(set(out)))
+
+
+def speed_max_ranks(
+    shapes: Sequence[tuple[int, int]],
+    tokens: int | Sequence[int] = (1, 512),
+    cost: str | Path | LayerCostModel | Mapping[int, LayerCostModel] = "builtin",
+) -> list[int]:
+    """Per-matrix rank limits so that no factorised (out, in) matrix is slower than dense at any of ``tokens``.
+
+    One :func:`speed_break_even_rank` per shape (0 = keep it dense), the allocators'
+    ``max_ranks``. ``cost``: ``"builtin"``, ``"measure"``, a cost-model data file, or model(s).
+    """
+    models = resolve_cost_models(cost) if isinstance(cost, (str, Path)) else cost
+    cache: dict[tuple[int, int], int] = {}
+    out = []
+    for m, n in shapes:
+        if (m, n) not in cache:
+            cache[(m, n)] = speed_break_even_rank(m, n, tokens=tokens, model=models)
+        out.append(cache[(m, n)])
+    return out
 
 
 def slow_layers(model: Any, tokens: int | Sequence[int] = 512,

@@ -3,7 +3,7 @@
 r_τ = smallest k with Σ_{i≤k} σᵢ² ≥ τ·Σσᵢ² of the method's (possibly whitened)
 spectrum. τ is found by bisection so that the model removes at least ρ of the
 targeted parameters (the largest such τ). Matrices whose r_τ reaches break-even
-stay dense.
+(or exceeds their ``max_ranks`` limit, e.g. the speed break-even) stay dense.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ def _ranks(cums: list[torch.Tensor], tau: float) -> list[int]:
 
 
 def energy_allocation(
-    energies: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]], ratio: float, iters: int = 60
+    energies: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]], ratio: float, iters: int = 60,
+    max_ranks: Sequence[int] | None = None,
 ) -> Allocation:
     """Bisection on τ ∈ (0, 1] for the budget ``ratio``; ``energies`` are σᵢ² per matrix (descending)."""
     cums = []
@@ -35,9 +36,9 @@ def energy_allocation(
     lo, hi = 0.0, 1.0  # achieved(τ) decreases with τ; find the largest τ with achieved ≥ ratio
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        if achieved_ratio(shapes, normalise_ranks(shapes, _ranks(cums, mid))) >= ratio:
+        if achieved_ratio(shapes, normalise_ranks(shapes, _ranks(cums, mid), max_ranks)) >= ratio:
             lo = mid
         else:
             hi = mid
-    ranks = normalise_ranks(shapes, _ranks(cums, lo))
+    ranks = normalise_ranks(shapes, _ranks(cums, lo), max_ranks)
     return Allocation(ranks=ranks, achieved_ratio=achieved_ratio(shapes, ranks), info={"tau": lo})

@@ -8,7 +8,8 @@ parameter until the budget (1−ρ)·Σmn is spent; every matrix keeps at least 
 floor rank. When a matrix's rank reaches break-even it is stored dense (mn
 numbers, which is never more than the factors) and its remaining directions
 come for free. The result stays within one rank step (m+n parameters) of the
-budget.
+budget. With per-matrix limits ``max_ranks`` (e.g. the speed break-even rank), the
+step past a matrix's limit makes it dense in the same way (its cost jumps to mn).
 
 Normalisations ``N_j``:
 
@@ -27,8 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from rankwise.compression.allocation.base import Allocation, achieved_ratio, kept_params, normalise_ranks
-from rankwise.engine.metrics import break_even_rank
+from rankwise.compression.allocation.base import Allocation, achieved_ratio, normalise_ranks, rank_limits
 from rankwise.errors import RankwiseError
 
 NORMALISATIONS = ("none", "total", "log")
@@ -59,6 +59,7 @@ def global_allocation(
     norm: str = "total",
     sensitivity: Sequence[float] | None = None,
     min_rank_frac: float = 0.0,
+    max_ranks: Sequence[int] | None = None,
 ) -> Allocation:
     """Greedy budgeted allocation; ``min_rank_frac`` sets a floor at that fraction of the uniform rank."""
     total = sum(m * n for m, n in shapes)
@@ -66,13 +67,13 @@ def global_allocation(
     nmat = len(shapes)
     w = list(sensitivity) if sensitivity is not None else [1.0] * nmat
     scores = [_scores(e, norm) * float(wj) for e, wj in zip(energies, w)]
-    be = [break_even_rank(m, n) for m, n in shapes]
+    be = [lim + 1 for lim in rank_limits(shapes, max_ranks)]  # the first rank at which a matrix is dense
     floors = []
     for m, n in shapes:
         uni = (1.0 - ratio) * m * n / (m + n)
         floors.append(max(1, int(min_rank_frac * uni)))
     ranks = [min(f, len(s)) for f, s in zip(floors, scores)]
-    cost = [kept_params(s, r) for s, r in zip(shapes, ranks)]
+    cost = [m * n if r >= b else r * (m + n) for (m, n), r, b in zip(shapes, ranks, be)]
     spent = sum(cost)
     if spent > budget:
         raise RankwiseError(
@@ -100,7 +101,7 @@ def global_allocation(
         ranks[j], cost[j] = k, new
         spent += delta
         push(j)
-    final = normalise_ranks(shapes, ranks)
+    final = normalise_ranks(shapes, ranks, max_ranks)
     return Allocation(
         ranks=final,
         achieved_ratio=achieved_ratio(shapes, final),

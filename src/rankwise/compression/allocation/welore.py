@@ -7,6 +7,8 @@ One model-wide threshold t keeps, in every matrix, the directions with
 (N-LRC); the others are low-rank components (LRC). t is found by bisection over
 the finite set of normalised singular values so that the model removes at least
 the requested fraction ρ of the targeted parameters (the smallest such t).
+A matrix whose kept rank exceeds its ``max_ranks`` limit (e.g. the speed
+break-even) is an N-LRC too.
 """
 
 from __future__ import annotations
@@ -32,14 +34,15 @@ class WeLoreAllocation:
 
 
 def _plan(
-    normed: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]], t: float, min_saving: float
+    normed: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]], t: float, min_saving: float,
+    limits: Sequence[int | None] | None = None,
 ) -> tuple[list[int | None], int]:
     ranks: list[int | None] = []
     saved = 0
-    for s, (m, n) in zip(normed, shapes):
+    for j, (s, (m, n)) in enumerate(zip(normed, shapes)):
         k = max(1, int((s >= t).sum()))
         gain = m * n - k * (m + n)
-        if gain >= min_saving * m * n and gain > 0:
+        if gain >= min_saving * m * n and gain > 0 and (limits is None or k <= limits[j]):
             ranks.append(k)
             saved += gain
         else:
@@ -52,6 +55,7 @@ def welore_allocation(
     shapes: Sequence[tuple[int, int]],
     ratio: float,
     min_saving: float = DEFAULT_MIN_SAVING,
+    max_ranks: Sequence[int] | None = None,
 ) -> WeLoreAllocation:
     """Find WeLore's global threshold for compression ratio ``ratio`` (fraction of parameters removed)."""
     normed = [s.detach().double() / s.detach().double().max().clamp_min(1e-300) for s in spectra]
@@ -59,7 +63,7 @@ def welore_allocation(
     target = ratio * total
     cands = torch.unique(torch.cat(normed)).sort().values  # ascending; saved(t) is non-decreasing in t
     lo, hi = 0, len(cands) - 1
-    ranks_hi, saved_hi = _plan(normed, shapes, float(cands[hi]) + 1e-12, min_saving)
+    ranks_hi, saved_hi = _plan(normed, shapes, float(cands[hi]) + 1e-12, min_saving, max_ranks)
     if saved_hi < target:
         raise RankwiseError(
             f"ratio {ratio} cannot be reached with WeLore allocation (at most {saved_hi / total:.3f} of the "
@@ -67,13 +71,13 @@ def welore_allocation(
         )
     while lo < hi:
         mid = (lo + hi) // 2
-        _, saved = _plan(normed, shapes, float(cands[mid]), min_saving)
+        _, saved = _plan(normed, shapes, float(cands[mid]), min_saving, max_ranks)
         if saved >= target:
             hi = mid
         else:
             lo = mid + 1
     t = float(cands[lo])
-    ranks, saved = _plan(normed, shapes, t, min_saving)
+    ranks, saved = _plan(normed, shapes, t, min_saving, max_ranks)
     return WeLoreAllocation(
         threshold=t, ranks=ranks, lrc=[r is not None for r in ranks], achieved_ratio=saved / total
     )
