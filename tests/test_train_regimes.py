@@ -282,6 +282,16 @@ def test_cli_train_regime_writes_a_checkpoint_and_a_dense_copy(tmp_path, capsys)
     x = torch.randint(0, 200, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=x).logits, model(input_ids=x).logits, atol=2e-5, rtol=1e-4)
+    # relora through the Trainer: the merge callback runs (HF signature, the Trainer's optimizer), not at the last step
+    rc = main(["train", str(folder), "--regime", "relora", "--rank", "4", "--relora-every", "1", "--data", str(text),
+               "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--lr", "3e-3", "--eval-tokens", "0",
+               "--out", str(tmp_path / "rl"), "--no-progress", "--json", str(tmp_path / "rl.json")])
+    assert rc == 0
+    summary = json.loads((tmp_path / "rl.json").read_text())
+    assert summary["regime"]["merges"] == [1]
+    merges = [e for e in summary["train"]["events"] if e.get("action") == "merge"]
+    assert len(merges) == 1 and merges[0]["layers"] == 14 and merges[0]["moments_zeroed"] > 0
+    assert type(rankwise.load(tmp_path / "rl").get_submodule("model.layers.0.mlp.up_proj")).__name__ == "ReLoRALinear"
     rc = main(["train", str(folder), "--regime", "relora", "--optimizer", "galore", "--steps", "2", "--out",
                str(tmp_path / "o2")])
     assert rc == 2 and "Combinations that exist" in capsys.readouterr().err
