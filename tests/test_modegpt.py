@@ -185,6 +185,8 @@ def test_unsupported_layouts_are_one_line_errors_naming_the_module(one_torch_thr
         block_layout("blk.0", Block(), tiny_llama_config())
     with pytest.raises(RankwiseError, match="targets"):
         compress(_llama(), method="modegpt", ratio=0.2, calib=_windows(2, 16), exclude="mlp", device="cpu")
+    with pytest.raises(RankwiseError, match="heal-steps"):
+        compress(_llama(), method="modegpt", ratio=0.2, calib=_windows(2, 16), heal_steps=2, device="cpu")
 
 
 def test_allocation_follows_influence_and_hits_the_ratio():

@@ -532,6 +532,9 @@ def run_modegpt(
                             "--targets/--exclude.")
     if loop is None:
         raise RankwiseError("--method modegpt needs calibration data (text or token windows).")
+    if getattr(config, "heal_steps", 0):
+        raise RankwiseError("--heal-steps adapts low-rank factors, and --method modegpt makes none (it keeps rows and "
+                            "columns); drop --heal-steps or use another --method.")
     blocks = find_blocks(model, targets)
     if blocks is None:
         raise RankwiseError("--method modegpt found no repeated decoder blocks holding the targeted layers.")
