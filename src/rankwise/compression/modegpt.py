@@ -412,8 +412,8 @@ def allocate_sparsity(influence: list[float], layouts: list[Layout], ratio: floa
     """Block sparsities φ_ℓ = min(cap, t·softmax(−s_ℓ/ε)) with t set so the targeted parameters drop by ``ratio``.
 
     ``fixed_params``: targeted weights outside the blocks (kept dense). The last step moves single
-    MLP neurons (least important blocks first when removing) until the removed count is within half a
-    neuron of the target, so the achieved ratio matches within one rank step.
+    MLP neurons (given back to the most influential blocks, taken from the least) until the removed
+    count is within half a neuron of the target, so the achieved ratio matches within one rank step.
     """
     s = torch.tensor(influence, dtype=torch.float64)
     w = torch.softmax(-s / epsilon, dim=0) * len(influence)  # mean 1: φ_ℓ = t·w_ℓ, t ≈ ratio
@@ -443,7 +443,7 @@ def allocate_sparsity(influence: list[float], layouts: list[Layout], ratio: floa
     order = sorted(range(len(layouts)), key=lambda i: influence[i])  # least influential first
     kept = sum(lay.params(sz.mlp, sz.qk_units, sz.vo) for lay, sz in zip(layouts, sizes))
     excess = (sum(dense) - kept) - target  # > 0: removed too much
-    for i in order if excess > 0 else reversed(order):
+    for i in reversed(order) if excess > 0 else order:  # give back to important blocks, take from the others
         lay, sz = layouts[i], sizes[i]
         step = 3 * lay.hidden
         while abs(excess) > step / 2:
