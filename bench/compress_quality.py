@@ -1,222 +1,344 @@
-"""Quality of one-shot compression of SmolLM2-135M: perplexity on PTB test and BBC test.
+"""Quality of one-shot compression of SmolLM2-135M: perplexity of every pipeline lever, side by side.
 
-Every configuration is measured in this one process against the baseline, SVD-LLM's setting
-(``whiten`` + ``uniform`` allocation, no sequential calibration), computed in the same run.
-Calibration: PTB train, 32 windows × 256 tokens, seed 0 (never test text). Evaluation: the
-first 4,096 tokens of each test text in 512-token windows, BOS prepended (docs/methods.md §6).
+Rows are configuration dicts passed to ``CompressConfig(**row)`` (so a new lever is a new key):
 
-    python bench/compress_quality.py            # --quick grid (default, < 25 min on 2 cores)
-    python bench/compress_quality.py --full     # every method × {uniform, global, welore} × ±sequential × 4 ratios
-    python bench/compress_quality.py --only "ratio=0.2,method=whiten,alloc=global,shrink=0.2"
+* ``svd-llm``: SVD-LLM's setting (whiten + uniform ranks, PTB calibration, no guard);
+* ``today``: the default of round 2 (whiten + loss-weighted global allocation, PTB calibration);
+* each new lever alone on top of ``today``: ``+anchor`` (output-anchored B; it needs sequential
+  calibration to differ from whitened truncation, so the row is anchor + sequential), ``+refine``
+  (block refinement), ``+calib`` (calibration mixture ptb+bbc), ``+guard`` (speed guard);
+* ``new default``: ``CompressConfig()``'s defaults as they are in the tree (or ``--new-default``);
+* ``modegpt``: MoDeGPT; ``+healing``: the new default + LoRA healing (reported apart: it trains).
 
-Writes ``bench/results/compress_quality.json`` (atomically) and prints a table.
+Rows whose fields do not exist in ``CompressConfig`` (yet) are skipped with a printed note.
+Evaluation: the first 4,096 tokens of PTB and BBC of the chosen split(s) in 512-token windows,
+BOS prepended; ``--split valid`` (PTB valid + the BBC valid slice: choose defaults on these) or
+``test`` (the tables), or ``valid,test`` (each model compressed once, evaluated on both).
+Calibration is always train text. Reduced grid by default (the CPU is shared by 8 engineers): all
+rows at ρ = 0.2 and 0.4, ``svd-llm`` and ``new default`` also at ρ = 0.1, 0.3, 0.5 (``--all-ratios``
+for every row at every ρ). Non-sequential rows with the same method and calibration share one
+calibration pass (``stats_cache``); their ``compress_s`` then excludes it (``cached`` in the row).
+With ``--time-goal``, at ρ = 0.2 ``today`` and ``new default`` never read the cache, so their times compare (goal: new ≤
+2× today; process CPU seconds are recorded beside wall seconds, the machine is shared). A row whose
+resolved configuration equals an earlier row's at the same ρ is not recomputed (``same_as``).
+
+    python bench/compress_quality.py --split valid --threads 1
+    python bench/compress_quality.py --split test --rows svd-llm,new --ratios 0.1,0.3,0.5 --out part2.json
+    python bench/compress_quality.py --merge part1.json part2.json --out bench/results/compress_quality.json
+
+Writes JSON through ``bench/_common.write_result`` (commit, threads, load) after every row, and
+prints a table with the goals marked.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from rankwise.compression.api import CompressConfig, compress
-from rankwise.evaluation.perplexity import perplexity
-from rankwise.io.atomic import atomic_file
-from rankwise.io.models import load_model, load_tokenizer
-from rankwise.io.texts import load_text
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run_info, write_result  # noqa: E402
+from rankwise.compression.api import CompressConfig, compress  # noqa: E402
+from rankwise.evaluation.perplexity import perplexity  # noqa: E402
+from rankwise.io.models import load_model, load_tokenizer  # noqa: E402
+from rankwise.io.texts import load_text  # noqa: E402
 
-RATIOS = (0.1, 0.2, 0.3, 0.4)
-BASELINE = {"method": "whiten", "alloc": "uniform", "sequential": False}
-# the best pipeline found (also CompressConfig's defaults)
-BEST = {
-    "method": CompressConfig.method,
-    "alloc": CompressConfig.alloc,
-    "sequential": CompressConfig.sequential,
-    "shrink": CompressConfig.shrink,
-    "alloc_norm": CompressConfig.alloc_norm,
-    "min_rank_frac": CompressConfig.min_rank_frac,
-    "skip_first": CompressConfig.skip_first,
-    "alloc_sensitivity": CompressConfig.alloc_sensitivity,
-}
+ALL_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
+REDUCED_RATIOS = (0.2, 0.4)
+TEXTS = ("ptb", "bbc")
+# goals of issue 10 for training-free rows: ρ → (PTB, BBC) perplexity ≤ factor × dense
+GOALS = {0.2: (1.25, 1.6), 0.4: (2.0, 3.0)}
+TIME_GOAL = 2.0  # new default compress time ≤ 2× today's
 
-
-def quick_grid() -> list[dict]:
-    grid = [{**BASELINE, "ratio": r, "tag": "baseline"} for r in RATIOS]
-    grid += [{**BEST, "ratio": r, "tag": "best"} for r in RATIOS]
-    ab = 0.2  # ablations at ρ = 0.2: one lever at a time, from the best pipeline
-    grid += [
-        {**BEST, "ratio": ab, "sequential": True, "tag": "best + sequential"},
-    ]
-    return grid
+SVD_LLM = {"method": "whiten", "alloc": "uniform", "sequential": False, "calib": "ptb", "speed_guard": "off"}
+# round 2's default pipeline, written out (the dataclass defaults move on)
+TODAY = {"method": "whiten", "alloc": "global", "sequential": False, "calib": "ptb", "alloc_norm": "none",
+         "alloc_sensitivity": "fisher", "shrink": 0.0, "min_rank_frac": 0.0, "skip_first": 0, "speed_guard": "off"}
 
 
-def full_grid() -> list[dict]:
-    grid = [{**BASELINE, "ratio": r, "tag": "baseline"} for r in RATIOS]
-    for r in RATIOS:
-        for method in ("svd", "asvd", "fwsvd", "whiten"):
-            for alloc in ("uniform", "global", "welore"):
-                for seq in (False, True):
-                    if method in ("svd", "fwsvd") and seq:
-                        continue  # data-free / gradient statistics: sequential does not apply
-                    grid.append({"ratio": r, "method": method, "alloc": alloc, "sequential": seq,
-                                 "shrink": BEST["shrink"] if method == "whiten" else 0.0, "tag": "grid"})
-        grid.append({**BEST, "ratio": r, "tag": "best"})
-    return grid
+def rows_spec(args) -> dict[str, dict]:
+    """Tag → configuration dict (before the ratio). ``new`` comes from the dataclass unless overridden."""
+    new = parse_kv(args.new_default) if args.new_default else {}
+    return {  # in the order they run at each ratio: the cheap, shared-calibration rows first
+        "svd-llm": dict(SVD_LLM),
+        "today": dict(TODAY),
+        "+guard": {**TODAY, "speed_guard": "auto"},
+        "new": new,
+        "+calib": {**TODAY, "calib": args.calib_mix},
+        "+anchor": {**TODAY, "anchor": True, "sequential": True},
+        "+refine": {**TODAY, "refine_steps": args.refine_steps},
+        "modegpt": {"method": "modegpt", **parse_kv(args.modegpt)},
+        "+healing": {**new, "heal_steps": args.heal_steps},
+    }
 
 
-def parse_only(spec: str) -> dict:
-    out: dict = {"tag": "only"}
+LABELS = {"svd-llm": "SVD-LLM setting (whiten + uniform)", "today": "today's default (round 2)",
+          "+anchor": "today + anchor (+ sequential)", "+refine": "today + block refinement",
+          "+calib": "today + calibration mixture", "+guard": "today + speed guard", "new": "new default",
+          "modegpt": "MoDeGPT", "+healing": "new default + healing"}
+FULL_RATIO_ROWS = ("svd-llm", "new")
+UNCACHED = ("today", "new")  # at TIME_RATIO these two always run their own calibration pass (their times compare)
+TIME_RATIO = 0.2
+
+
+def parse_kv(spec: str) -> dict:
+    out: dict = {}
     for item in spec.split(","):
+        if not item.strip():
+            continue
         k, _, v = item.partition("=")
-        k = k.strip()
-        if v in ("True", "False"):
-            out[k] = v == "True"
+        k, v = k.strip(), v.strip()
+        if v in ("True", "False", "true", "false"):
+            out[k] = v.lower() == "true"
+        elif v in ("None", "none", ""):
+            out[k] = None
         else:
             try:
-                out[k] = int(v) if v.isdigit() else float(v)
+                out[k] = int(v) if v.lstrip("-").isdigit() else float(v)
             except ValueError:
                 out[k] = v
     return out
 
 
+def known(row: dict) -> list[str]:
+    """Keys of ``row`` that CompressConfig lacks (the row is skipped then)."""
+    names = {f.name for f in dataclasses.fields(CompressConfig)}
+    return [k for k in row if k not in names]
+
+
+def build_grid(args) -> tuple[list[dict], list[str]]:
+    spec = rows_spec(args)
+    if args.only:
+        spec = {f"only{i}": parse_kv(s) for i, s in enumerate(args.only)}
+        LABELS.update({k: f"only: {s}" for k, s in zip(spec, args.only)})
+    chosen = list(spec) if args.rows == "all" else [r.strip() for r in args.rows.split(",")]
+    bad = [r for r in chosen if r not in spec]
+    if bad:
+        raise SystemExit(f"unknown rows {bad}; choose from {', '.join(spec)}")
+    ratios = [float(r) for r in args.ratios.split(",")] if args.ratios else list(ALL_RATIOS)
+    grid, notes = [], []
+    for ratio in ratios:
+        for tag in chosen:
+            if not (args.all_ratios or args.only or ratio in REDUCED_RATIOS or tag in FULL_RATIO_ROWS):
+                continue
+            missing = known(spec[tag])
+            if missing:
+                note = f"skipped {tag!r}: CompressConfig has no field {', '.join(missing)} (not in the tree yet)"
+                if note not in notes:
+                    notes.append(note)
+                    print(note, file=sys.stderr, flush=True)
+                continue
+            grid.append({"tag": tag, "config": {**spec[tag], "ratio": ratio}})
+    return grid, notes
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    g = ap.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="baseline and best at 4 ratios + ablations at 0.2 (default)")
-    g.add_argument("--full", action="store_true", help="the whole grid (hours on 2 cores)")
-    g.add_argument("--only", action="append", help="key=value,... one configuration (repeatable)")
+    ap.add_argument("--split", default="valid", help="valid, test, or valid,test (compress once, evaluate on both)")
+    ap.add_argument("--rows", default="all", help="comma list of row tags (default all): " + ", ".join(LABELS))
+    ap.add_argument("--ratios", default=None, help="comma list of ratios (default 0.1,...,0.5, reduced grid)")
+    ap.add_argument("--all-ratios", action="store_true", help="every row at every ratio (not the reduced grid)")
+    ap.add_argument("--only", action="append", help="key=value,... one extra configuration (repeatable)")
+    ap.add_argument("--new-default", default="", help="key=value,... the new default if not yet CompressConfig's")
+    ap.add_argument("--refine-steps", type=int, default=12, help="refine_steps of the +refine row")
+    ap.add_argument("--heal-steps", type=int, default=50, help="heal_steps of the +healing row")
+    ap.add_argument("--calib-mix", default="ptb+bbc", help="calib of the +calib row")
+    ap.add_argument("--modegpt", default="", help="key=value,... extra fields of the modegpt row (sequential=True)")
+    ap.add_argument("--time-goal", action="store_true",
+                    help="at ρ = 0.2 today and new default run their own calibration pass (times comparable)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--ratios", default=None,
-                    help="comma list: only these ratios of the grid (e.g. to split the quick grid over two processes, "
-                    "each with its own baseline; then --merge the JSON files)")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="merge result files of earlier runs into --out and print the table (no measuring)")
-    ap.add_argument("--no-baseline", action="store_true", help="with --only: skip the baseline at the same ratios")
-    ap.add_argument("--out", default="bench/results/compress_quality.json")
+    ap.add_argument("--out", default="compress_quality", help="result name under bench/results (or a .json path)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0 = torch's default); 1 is much faster on a machine shared with other jobs")
     args = ap.parse_args(argv)
+    splits = [s.strip() for s in args.split.split(",")]
+    if any(s not in ("valid", "test") for s in splits):
+        raise SystemExit(f"--split must be valid, test or valid,test, got {args.split!r}")
 
-    torch.manual_seed(0)
     if args.merge:
-        parts = [json.loads(Path(f).read_text()) for f in args.merge]
-        rows = [dict(r, process=i) for i, p in enumerate(parts) for r in p["rows"]]
-        rows.sort(key=lambda r: (r["tag"] not in ("baseline", "best"), r["ratio"], r["tag"] != "baseline",
-                                 r["process"]))
-        _write(args, parts[0]["dense"], rows, note=f"merged from {len(parts)} processes; each row is compared "
-               "with the baseline measured in its own process")
-        _table(parts[0]["dense"], rows)
-        return 0
+        return merge(args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    if args.only:
-        grid = [parse_only(s) for s in args.only]
-        if not args.no_baseline:
-            ratios = sorted({c.get("ratio", 0.2) for c in grid})
-            grid = [{**BASELINE, "ratio": r, "tag": "baseline"} for r in ratios] + grid
-    else:
-        grid = full_grid() if args.full else quick_grid()
-    if args.ratios:
-        keep = {float(r) for r in args.ratios.split(",")}
-        grid = [c for c in grid if c["ratio"] in keep]
-
+    torch.manual_seed(0)
+    grid, notes = build_grid(args)
+    info = run_info()
     tok = load_tokenizer(args.model)
     base = load_model(args.model)
-    texts = {name: load_text(name, "test") for name in ("ptb", "bbc")}
+    texts = {(s, name): load_text(name, s) for s in splits for name in TEXTS}
 
     def evaluate(model) -> dict:
-        return {
-            name: perplexity(model, tok, text, seq_len=args.seq_len, max_tokens=args.tokens, name=name).perplexity
-            for name, text in texts.items()
-        }
+        out: dict = {}
+        for (s, name), text in texts.items():
+            out.setdefault(s, {})[name] = perplexity(model, tok, text, seq_len=args.seq_len, max_tokens=args.tokens,
+                                                     name=f"{name}:{s}").perplexity
+        return out
 
     t = time.perf_counter()
     dense = evaluate(base)
     print(f"dense: {dense} ({time.perf_counter() - t:.0f}s)", file=sys.stderr, flush=True)
     caches: dict[tuple, dict] = {}
-    rows = []
-    for i, cfg in enumerate(grid):
-        cfg = dict(cfg)
-        tag = cfg.pop("tag")
-        config = CompressConfig(**cfg)
-        key = (config.method, config.calib, config.skip_first, config.calib_samples, config.seq_len, config.seed)
+    rows: list[dict] = []
+    data = {"model": args.model, "splits": splits, "notes": notes, "dense": dense, "rows": rows, "run": info,
+            "protocol": protocol(args)}
+    done: dict[str, dict] = {}
+    for i, item in enumerate(grid):
+        tag = item["tag"]
+        config = CompressConfig(**item["config"], progress=False)
+        cfg = config.to_dict()
+        ident = json.dumps(cfg, sort_keys=True, default=str)
+        if ident in done:
+            prev = done[ident]
+            rows.append({**prev, "tag": tag, "label": LABELS.get(tag, tag), "same_as": prev["tag"]})
+            print(f"[{i + 1}/{len(grid)}] {tag:10s} ρ={config.ratio}: same configuration as {prev['tag']}",
+                  file=sys.stderr, flush=True)
+            annotate(data)
+            save(args.out, data)
+            continue
+        reusable = not cfg["sequential"] and not cfg.get("anchor") and not cfg.get("refine_steps") \
+            and cfg["method"] != "modegpt"
+        key = (cfg["method"], cfg["calib"], cfg["skip_first"], cfg["calib_samples"], cfg["seq_len"], cfg["seed"],
+               cfg.get("compute_dtype"))
+        cache = caches.setdefault(key, {}) if reusable else None
+        cached = bool(cache) and not (args.time_goal and tag in UNCACHED and config.ratio == TIME_RATIO)
         model = copy.deepcopy(base)
-        res = compress(model, config, tokenizer=tok, stats_cache=caches.setdefault(key, {}))
+        load_before = [round(x, 2) for x in os.getloadavg()]
+        cpu0 = time.process_time()
+        res = compress(model, config, tokenizer=tok, stats_cache=cache if (cached or not cache) else None)
+        cpu_s = time.process_time() - cpu0
         t = time.perf_counter()
         ppl = evaluate(model)
+        guard = (getattr(model, "rankwise_meta", {}) or {}).get("allocation_info", {})
         row = {
-            "tag": tag,
-            **{k: v for k, v in config.to_dict().items() if k not in ("progress", "targets", "exclude")},
-            "achieved_ratio": res.achieved_ratio,
-            "ppl_ptb": ppl["ptb"],
-            "ppl_bbc": ppl["bbc"],
-            "compress_s": res.seconds,
-            "eval_s": time.perf_counter() - t,
-            "dense_matrices": len(res.dense),
+            "tag": tag, "label": LABELS.get(tag, tag), "ratio": config.ratio,
+            "config": {k: v for k, v in cfg.items() if k not in ("progress",)},
+            "achieved_ratio": res.achieved_ratio, "ppl": ppl, "compress_s": res.seconds, "compress_cpu_s": cpu_s,
+            "cached": cached,
+            "timings": res.timings, "eval_s": time.perf_counter() - t, "dense_matrices": len(res.dense),
+            "slower_than_dense": guard.get("slower_than_dense"), "load_avg": load_before,
+            "heal_steps": cfg.get("heal_steps", 0),
         }
         rows.append(row)
-        print(f"[{i + 1}/{len(grid)}] {tag:36s} ρ={config.ratio} {config.method}/{config.alloc}"
-              f" seq={res.sequential} shrink={config.shrink} → PTB {ppl['ptb']:.1f} BBC {ppl['bbc']:.1f}"
-              f" ({res.seconds:.0f}s + {row['eval_s']:.0f}s)", file=sys.stderr, flush=True)
+        done[ident] = row
+        print(f"[{i + 1}/{len(grid)}] {tag:10s} ρ={config.ratio} → " + "  ".join(
+            f"{s}: PTB {ppl[s]['ptb']:.1f} BBC {ppl[s]['bbc']:.1f}" for s in splits)
+            + f" ({res.seconds:.0f}s{' cached' if cached else ''} + {row['eval_s']:.0f}s)", file=sys.stderr, flush=True)
         del model
         gc.collect()
-        _write(args, dense, rows)
-    _table(dense, rows)
+        annotate(data)
+        save(args.out, data)
+    table(data)
     return 0
 
 
-def _baseline_of(rows: list[dict], row: dict) -> dict | None:
-    return next((r for r in rows if r["tag"] == "baseline" and r["ratio"] == row["ratio"]
-                 and r.get("process") == row.get("process")), None)
+def protocol(args) -> dict:
+    return {"eval": f"first {args.tokens} tokens of ptb and bbc ({', '.join(args.split.split(','))} split), "
+                    f"{args.seq_len}-token windows, BOS prepended",
+            "calibration": "train split of the row's calib (default ptb), 32 windows x 256 tokens, seed 0",
+            "grid": "reduced: every row at rho 0.2 and 0.4; svd-llm and new default also at 0.1, 0.3, 0.5"
+                    if not args.all_ratios else "every row at every ratio",
+            "goals": {str(k): {"ptb_max_x_dense": v[0], "bbc_max_x_dense": v[1]} for k, v in GOALS.items()},
+            "time_goal": f"new default compress_s <= {TIME_GOAL} x today's (uncached rows, same process)"}
 
 
-def _write(args, dense: dict, rows: list[dict], note: str = "") -> None:
+def annotate(data: dict) -> None:
+    """Degradation factors vs dense, ratios vs the svd-llm row of the same process, goals met or not."""
+    dense = data["dense"]
+    rows = data["rows"]
     for r in rows:
-        b = _baseline_of(rows, r)
-        if b is not None:
-            r["vs_baseline_ptb"] = r["ppl_ptb"] / b["ppl_ptb"]
-            r["vs_baseline_bbc"] = r["ppl_bbc"] / b["ppl_bbc"]
-        # degradation factors relative to dense; off-domain / on-domain
-        r["degr_ptb"] = r["ppl_ptb"] / dense["ptb"]
-        r["degr_bbc"] = r["ppl_bbc"] / dense["bbc"]
-        r["offdomain_over_ondomain"] = r["degr_bbc"] / r["degr_ptb"]
-    data = {
-        "model": args.model,
-        "eval": {"tokens": args.tokens, "seq_len": args.seq_len, "texts": ["ptb:test", "bbc:test"]},
-        "calibration": "ptb train, 32 × 256 tokens, seed 0 (unless a row says otherwise)",
-        "torch_threads": torch.get_num_threads(),
-        "note": note,
-        "dense": dense,
-        "rows": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(args.out) as fh:
-        json.dump(data, fh, indent=2)
+        r["x_dense"] = {s: {t: r["ppl"][s][t] / dense[s][t] for t in TEXTS} for s in r["ppl"]}
+        base = next((b for b in rows if b["tag"] == "svd-llm" and b["ratio"] == r["ratio"]
+                     and b.get("process") == r.get("process")), None)
+        if base is not None:
+            r["x_svd_llm"] = {s: {t: r["ppl"][s][t] / base["ppl"][s][t] for t in TEXTS} for s in r["ppl"]}
+        goal = GOALS.get(round(r["ratio"], 6))
+        if goal is not None and not r.get("heal_steps"):
+            r["goal"] = {s: {"ptb": r["x_dense"][s]["ptb"] <= goal[0], "bbc": r["x_dense"][s]["bbc"] <= goal[1]}
+                         for s in r["x_dense"]}
+        if r["tag"] == "new":
+            today = next((b for b in rows if b["tag"] == "today" and b["ratio"] == r["ratio"]
+                          and b.get("process") == r.get("process") and not b["cached"]), None)
+            if today is not None and not r["cached"]:
+                r["time_x_today"] = r["compress_s"] / today["compress_s"]
+                if r.get("compress_cpu_s") and today.get("compress_cpu_s"):
+                    r["cpu_time_x_today"] = r["compress_cpu_s"] / today["compress_cpu_s"]
+                r["time_goal_met"] = r.get("cpu_time_x_today", r["time_x_today"]) <= TIME_GOAL
 
 
-def _table(dense: dict, rows: list[dict]) -> None:
-    print(f"dense: PTB {dense['ptb']:.2f}  BBC {dense['bbc']:.2f}")
-    print(f"| {'configuration':36s} | ρ | achieved | PTB | BBC | PTB/base | BBC/base | BBC degr / PTB degr |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        desc = f"{r['tag']}: {r['method']}/{r['alloc']}"
-        if r["alloc"] == "global":
-            desc += "[fisher]" if r.get("alloc_sensitivity", "none") == "fisher" else f"[{r.get('alloc_norm')}]"
-        desc += "/seq" if r["sequential"] else ""
-        if r["shrink"]:
-            desc += f"/shrink {r.get('shrink_target', 'diag')} {r['shrink']}"
-        if r.get("skip_first"):
-            desc += f"/skip first {r['skip_first']}"
-        print(f"| {desc:36s} | {r['ratio']} | {r['achieved_ratio']:.3f} | {r['ppl_ptb']:.1f} | {r['ppl_bbc']:.1f} |"
-              f" {r.get('vs_baseline_ptb', float('nan')):.2f} | {r.get('vs_baseline_bbc', float('nan')):.2f} |"
-              f" {r['offdomain_over_ondomain']:.2f} |")
+def save(out: str, data: dict) -> Path:
+    if out.endswith(".json"):
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+    return write_result(out, data)
+
+
+def merge(args) -> int:
+    parts = [json.loads(Path(f).read_text()) for f in args.merge]
+    rows = []
+    for i, p in enumerate(parts):
+        for r in p["rows"]:
+            r = dict(r, process=i)
+            r.pop("x_svd_llm", None)
+            rows.append(r)
+    order = list(LABELS)
+    rows.sort(key=lambda r: (r["ratio"], order.index(r["tag"]) if r["tag"] in order else 99, r["process"]))
+    splits = sorted({s for p in parts for s in p["splits"]}, key=["valid", "test"].index)
+    dense: dict = {}
+    for p in parts:
+        for s, v in p["dense"].items():
+            dense.setdefault(s, v)
+    data = {"model": parts[0]["model"], "splits": splits, "dense": dense, "rows": rows,
+            "notes": sorted({n for p in parts for n in p.get("notes", [])}),
+            "protocol": parts[0].get("protocol"), "merged_from": [str(f) for f in args.merge],
+            "parts_run": [p.get("run") for p in parts],
+            "merge_note": "rows of several processes; ×svd-llm only against the svd-llm row of the same process"}
+    annotate(data)
+    save(args.out, data)
+    table(data)
+    return 0
+
+
+def table(data: dict) -> None:
+    dense = data["dense"]
+    for s in data["splits"]:
+        have = [r for r in data["rows"] if s in r["ppl"]]
+        if not have:
+            continue
+        print(f"\n### {s} split: perplexity (× dense); dense PTB {dense[s]['ptb']:.2f}, BBC {dense[s]['bbc']:.2f}")
+        print("| configuration | ρ | achieved | PTB | × dense | BBC | × dense | goal | compress s | slower layers |")
+        print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+        for r in have:
+            x = r["x_dense"][s]
+            g = r.get("goal", {}).get(s)
+            goal = "-" if g is None else ("met" if g["ptb"] and g["bbc"] else
+                                          "not met (" + ", ".join(t.upper() for t in TEXTS if not g[t]) + ")")
+            if r.get("heal_steps"):
+                goal = "apart (trained)"
+            secs = f"{r['compress_s']:.0f}{' (cached)' if r['cached'] else ''}"
+            if "time_x_today" in r:
+                secs += f" ({r.get('cpu_time_x_today', r['time_x_today']):.2f}× today, CPU)"
+            if r.get("same_as"):
+                secs = f"= {r['same_as']}"
+            slow = "-" if r.get("slower_than_dense") is None else str(r["slower_than_dense"])
+            print(f"| {r['label']} | {r['ratio']} | {r['achieved_ratio']:.3f} | {r['ppl'][s]['ptb']:.1f} | "
+                  f"{x['ptb']:.2f} | {r['ppl'][s]['bbc']:.1f} | {x['bbc']:.2f} | {goal} | {secs} | {slow} |")
+    for n in data.get("notes", []):
+        print(f"note: {n}")
 
 
 if __name__ == "__main__":

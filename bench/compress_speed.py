@@ -1,14 +1,18 @@
 """Speed of factorised vs dense SmolLM2-135M on this CPU: layers, whole model, break-even report.
 
-    .venv/bin/python bench/compress_speed.py            # full run (~10 min on 2 idle cores)
+    .venv/bin/python bench/compress_speed.py --threads 1 --skip-layers   # the default pipeline at ρ = 0.1 … 0.5
+    .venv/bin/python bench/compress_speed.py --allocs uniform --ratios 0.2,0.4   # round 2's plain-SVD table
     .venv/bin/python bench/compress_speed.py --quick    # smoke run
 
 1. Layer timings: dense m×n vs two-matmul rank-k at SmolLM2's shapes, ranks 0.1–1.0 × the parameter
    break-even, token counts 1 (decode), 64, 512 (prefill); the cost model of rankwise.evaluation.speed is
    re-fitted and the measured crossing rank is reported beside the modelled one.
-2. Model speed: dense and compressed (ρ = 0.2, 0.4; plain SVD, data-free; uniform ranks, others on request)
-   measured in ONE process, alternately, prefill of a 512-token PTB-test prompt and greedy decode of 64
-   tokens with the KV cache, median of the repeats (min also kept).
+2. Model speed: dense and compressed models measured in ONE process, alternately, prefill of a 512-token
+   PTB-test prompt and greedy decode of 64 tokens with the KV cache, median of the repeats (min also
+   kept). Compressed by the DEFAULT pipeline (``rankwise.compress`` with CompressConfig's defaults, speed
+   guard included; ``--pipeline key=value,...`` overrides fields) at ρ = 0.1 … 0.5 (``--allocs default``);
+   ``--allocs uniform`` / ``global`` give round 2's plain-SVD models. ``--guard-off`` also compresses each
+   ρ with ``speed_guard="off"`` and reports its slow layers (timed too with ``--time-guard-off``).
 3. Per-layer break-even report: every factorised layer's rank beside its parameter break-even rank and its
    speed break-even ranks (prefill, decode); a layer at/above the parameter break-even is a bug.
 
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
+import gc
 import math
 import os
 import platform
@@ -44,11 +48,12 @@ from rankwise.evaluation.speed import (
     speed_break_even_rank,
     time_layers,
 )
-from rankwise.io.atomic import atomic_file
 from rankwise.surgery import LowRankLinear, set_module
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run_info, write_result  # noqa: E402
+
 console = Console(stderr=True)
-RESULTS = Path(__file__).parent / "results" / "compress_speed.json"
 
 
 def load() -> list[float]:
@@ -82,11 +87,25 @@ def layer_bench(token_counts: list[int], fracs: list[float], rounds: int, clock:
 _SVD_CACHE: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
-def compress_copy(dense: torch.nn.Module, ratio: float, alloc: str) -> tuple[torch.nn.Module, dict]:
-    """Plain-SVD (data-free) compression at ``ratio``.
+def parse_kv(spec: str) -> dict:
+    out: dict = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        k, _, v = item.partition("=")
+        if v in ("True", "False"):
+            out[k] = v == "True"
+        else:
+            try:
+                out[k] = int(v) if v.lstrip("-").isdigit() else float(v)
+            except ValueError:
+                out[k] = v
+    return out
 
-    ``uniform``: every matrix keeps ⌊(1−ρ)·mn/(m+n)⌋ singular values (one exact SVD per matrix, shared by
-    all ratios). Other allocations go through ``rankwise.compress(method="svd", alloc=...)``.
+
+def compress_copy(dense: torch.nn.Module, ratio: float, alloc: str) -> tuple[torch.nn.Module, dict]:
+    """A plain-SVD compressed copy of ``dense`` at ``ratio`` (round 2's speed table).
+
+    ``uniform``: plain SVD, every matrix keeps ⌊(1−ρ)·mn/(m+n)⌋ singular values (one exact SVD per
+    matrix, shared by all ratios). Other names: ``rankwise.compress(method="svd", alloc=...)``.
     """
     model = copy.deepcopy(dense)
     t0 = time.time()
@@ -106,10 +125,79 @@ def compress_copy(dense: torch.nn.Module, ratio: float, alloc: str) -> tuple[tor
         from rankwise.compression.api import CompressConfig, compress
 
         res = compress(model, CompressConfig(ratio=ratio, method="svd", alloc=alloc, sequential=False,
-                                             progress=False))
+                                             speed_guard="off", progress=False))
         info = {"via": f"rankwise.compress(method='svd', alloc={alloc!r})", "achieved_ratio": res.achieved_ratio,
                 "dense_kept": res.dense}
     info["seconds"] = round(time.time() - t0, 1)
+    return model.eval(), info
+
+
+class _Captured(Exception):
+    """Stops a compress run right after its inputs to the allocator were recorded."""
+
+
+def default_allocation_inputs(dense: torch.nn.Module, tok, pipeline: dict) -> dict:
+    """What the default pipeline hands its allocator (spectra, loss sensitivity, options), from one run.
+
+    ``rankwise.compress`` runs its calibration, loss-sensitivity and spectra passes on a copy of
+    ``dense`` and stops at the allocation; every ratio's ranks then come from the same inputs
+    (those passes do not depend on the ratio). Speed depends only on the ranks, so the models
+    timed here carry plain-SVD factors of exactly those ranks (compress_quality.py measures the
+    quality of the real factors).
+    """
+    from unittest import mock
+
+    from rankwise.compression import api
+
+    captured: dict = {}
+
+    def capture(name, shapes, ratio, energies=None, **kw):
+        captured.update(name=name, shapes=list(shapes), energies=energies, options=kw)
+        raise _Captured
+
+    model = copy.deepcopy(dense)
+    config = api.CompressConfig(**{**pipeline, "ratio": 0.2, "progress": False})
+    t0 = time.time()
+    with mock.patch.object(api, "guarded_allocate", capture):
+        try:
+            api.compress(model, config, tokenizer=tok)
+        except _Captured:
+            pass
+    if not captured:
+        raise RuntimeError("the default pipeline did not reach its allocator")
+    captured["names"] = [t.name for t in find_targets(dense, config.targets, config.exclude)]
+    captured["config"] = config.to_dict()
+    captured["seconds"] = round(time.time() - t0, 1)
+    del model
+    gc.collect()
+    return captured
+
+
+def default_copy(dense: torch.nn.Module, ratio: float, inputs: dict, guard: str | None = None
+                 ) -> tuple[torch.nn.Module, dict]:
+    """A copy of ``dense`` factorised (plain SVD) at the default pipeline's ranks for ``ratio``."""
+    from rankwise.compression.allocation.speed import guarded_allocate
+
+    opts = dict(inputs["options"])
+    if guard is not None:
+        opts["guard"] = guard
+    alloc = guarded_allocate(inputs["name"], inputs["shapes"], ratio, inputs["energies"], **opts)
+    model = copy.deepcopy(dense)
+    targets = {t.name: t for t in find_targets(model)}
+    for name, k in zip(inputs["names"], alloc.ranks):
+        if k is None:
+            continue
+        t = targets[name]
+        if name not in _SVD_CACHE:
+            _SVD_CACHE[name] = torch.linalg.svd(t.weight().float(), full_matrices=False)
+        u, sv, vh = _SVD_CACHE[name]
+        root = sv[:k].sqrt()
+        set_module(model, name, LowRankLinear.from_factors(u[:, :k] * root, root[:, None] * vh[:k], t.bias))
+    info = {"via": "ranks of the default pipeline's allocation (rankwise.compress's own sensitivity and whitened "
+                   "spectra), plain-SVD factors of those ranks",
+            "achieved_ratio": alloc.achieved_ratio, "dense_kept": sum(k is None for k in alloc.ranks),
+            "ranks": dict(zip(inputs["names"], alloc.ranks)),
+            "allocation_info": {k: v for k, v in alloc.info.items() if isinstance(v, (int, float, str))}}
     return model.eval(), info
 
 
@@ -128,8 +216,13 @@ def layer_report(model: torch.nn.Module) -> list[dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ratios", default="0.2,0.4")
-    ap.add_argument("--allocs", default="uniform", help="uniform and/or global, welore (via rankwise.compress)")
+    ap.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5")
+    ap.add_argument("--allocs", default="default",
+                    help="default (the default pipeline) and/or uniform, global, welore (plain SVD, no guard)")
+    ap.add_argument("--pipeline", default="", help="key=value,... CompressConfig overrides of the default pipeline")
+    ap.add_argument("--guard-off", action="store_true",
+                    help="also compress each ratio with speed_guard=off and report its slow layers")
+    ap.add_argument("--time-guard-off", action="store_true", help="and time those models too")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--prompt-tokens", type=int, default=512)
@@ -138,7 +231,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--skip-layers", action="store_true")
     ap.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
-    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--out", default="compress_speed", help="result name under bench/results")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -147,6 +240,7 @@ def main() -> int:
     ratios = [float(r) for r in args.ratios.split(",")]
     allocs = args.allocs.split(",")
     result: dict = {
+        "run": run_info(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "platform": platform.platform(), "load_start": load()},
@@ -162,12 +256,41 @@ def main() -> int:
     tok = load_tokenizer("smollm2-135m")
     models = {"dense": dense}
     info: dict = {}
+    pipeline = parse_kv(args.pipeline)
+    untimed: dict = {}
+    inputs = None
+    if "default" in allocs:
+        with console.status("default pipeline: calibration, sensitivity and spectra …"):
+            inputs = default_allocation_inputs(dense, tok, pipeline)
+        result["default_pipeline"] = {"config": inputs["config"], "passes_seconds": inputs["seconds"]}
+        console.print(f"default pipeline inputs in {inputs['seconds']} s")
     for alloc in allocs:
         for r in ratios:
             key = f"{alloc}@{r}"
             with console.status(f"compressing {key} …"):
-                models[key], info[key] = compress_copy(dense, r, alloc)
-            console.print(f"compressed {key}: {info[key]}")
+                if alloc == "default":
+                    models[key], info[key] = default_copy(dense, r, inputs)
+                else:
+                    models[key], info[key] = compress_copy(dense, r, alloc)
+            console.print(f"compressed {key}: achieved {info[key]['achieved_ratio']:.4f}")
+            if alloc == "default" and args.guard_off:
+                key_off = f"default-guard-off@{r}"
+                with console.status(f"compressing {key_off} …"):
+                    m_off, info[key_off] = default_copy(dense, r, inputs, guard="off")
+                console.print(f"compressed {key_off}: achieved {info[key_off]['achieved_ratio']:.4f}")
+                if args.time_guard_off:
+                    models[key_off] = m_off
+                else:
+                    rep_off = layer_report(m_off)
+                    untimed[key_off] = {
+                        "compression": info[key_off], "layers": rep_off,
+                        "layers_above_speed_break_even_prefill": sum(x["rank"] > x["speed_break_even_prefill"]
+                                                                     for x in rep_off),
+                        "layers_above_speed_break_even_decode": sum(x["rank"] > x["speed_break_even_decode"]
+                                                                    for x in rep_off)}
+                    del m_off
+                    gc.collect()
+    _SVD_CACHE.clear()
     ids = prompt_ids(tok, load_text("ptb", "test"), args.prompt_tokens, name="ptb test")
     result["load_before_speed"] = load()
     speed = measure_speed(models, ids, new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup,
@@ -203,21 +326,25 @@ def main() -> int:
             "layers_above_speed_break_even_decode": sum(r["rank"] > r["speed_break_even_decode"] for r in rep),
         }
     result["models"] = rows
+    result["untimed"] = untimed
     result["settings"] = {"prompt_tokens": int(ids.shape[1]), "prompt_text": "ptb test", "new_tokens": args.new_tokens,
                           "repeats": args.repeats, "warmup": args.warmup, "statistic": "median (best also given)",
                           "prefill": "one forward, KV cache built, logits of the last position only"}
-    goal = rows.get("uniform@0.4", {}).get("prefill_speedup")
-    goal_cpu = rows.get("uniform@0.4", {}).get("prefill_speedup_cpu")
-    result["goal_prefill_ge_1.25x_at_0.4"] = {"uniform_median_wall": goal, "uniform_median_cpu": goal_cpu,
-                                              "met_wall": bool(goal and goal >= 1.25),
-                                              "met_cpu": bool(goal_cpu and goal_cpu >= 1.25)}
+    timed = [k for k in rows if k != "dense"]
+    slow = {k: rows[k]["layers_above_speed_break_even_prefill"] + rows[k]["layers_above_speed_break_even_decode"]
+            for k in timed}
+    result["goal_no_layer_slower_than_dense"] = {"slow_layers_prefill_plus_decode": slow,
+                                                 "met": all(v == 0 for k, v in slow.items()
+                                                            if not k.startswith(("uniform", "global", "welore")))}
+    result["goal_never_slower_than_dense_model"] = {
+        k: {"prefill_cpu": rows[k]["prefill_speedup_cpu"] >= 1.0, "decode_cpu": rows[k]["decode_speedup_cpu"] >= 1.0}
+        for k in timed}
     result["seconds"] = round(time.time() - t_all, 1)
     result["machine"]["load_end"] = load()
 
-    with atomic_file(args.out) as fh:
-        fh.write(json.dumps(result, indent=2) + "\n")
+    path = write_result(args.out, result)
     print_tables(result)
-    console.print(f"wrote {args.out}")
+    console.print(f"wrote {path}")
     return 0
 
 
@@ -236,17 +363,23 @@ def print_tables(result: dict) -> None:
                           f"{r['measured_crossing']}/{r['modelled_crossing']} of {r['break_even']}")
         Console().print(t)
     t = Table(title="SmolLM2-135M speed, one process, alternating runs (median)")
-    for c in ("model", "params", "prefill tok/s", "×dense", "×dense cpu", "decode tok/s", "×dense", "×dense cpu",
-              "above be", "above speed-be prefill/decode", "same tokens"):
+    for c in ("model", "achieved ρ", "params", "prefill tok/s", "×dense", "×dense cpu", "decode tok/s", "×dense",
+              "×dense cpu", "above be", "above speed-be prefill/decode", "same tokens"):
         t.add_column(c, justify="right")
     for key, r in result["models"].items():
-        t.add_row(key, f"{r['params'] / 1e6:.1f}M", f"{r['prefill_tokens_per_s']:.1f}", f"{r['prefill_speedup']:.2f}",
+        ach = (r.get("compression") or {}).get("achieved_ratio")
+        t.add_row(key, "-" if ach is None else f"{ach:.3f}", f"{r['params'] / 1e6:.1f}M",
+                  f"{r['prefill_tokens_per_s']:.1f}", f"{r['prefill_speedup']:.2f}",
                   f"{r['prefill_speedup_cpu']:.2f}", f"{r['decode_tokens_per_s']:.2f}", f"{r['decode_speedup']:.2f}",
                   f"{r['decode_speedup_cpu']:.2f}",
                   str(r["layers_above_break_even"]),
                   f"{r['layers_above_speed_break_even_prefill']}/{r['layers_above_speed_break_even_decode']}",
                   str(r["same_greedy_tokens_as_dense"]))
     Console().print(t)
+    for key, r in result.get("untimed", {}).items():
+        Console().print(f"{key} (not timed): achieved ρ {r['compression']['achieved_ratio']:.3f}, layers slower than "
+                        f"dense prefill/decode {r['layers_above_speed_break_even_prefill']}/"
+                        f"{r['layers_above_speed_break_even_decode']}")
 
 
 if __name__ == "__main__":
