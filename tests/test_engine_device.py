@@ -76,3 +76,32 @@ def test_resolve_device_cpu_and_errors(monkeypatch):
     assert dev.resolve_device("auto") == torch.device("cpu")
     with pytest.raises(RankwiseError, match="asked for CUDA but this machine has cpu only"):
         dev.resolve_device("cuda:0")
+
+
+def test_compute_dtype_upcasts_only_where_the_device_lacks_fast_kernels(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(dev, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))  # an AVX2-only x86 CPU
+    assert not dev.fast_on(cpu, torch.bfloat16) and not dev.fast_on(cpu, torch.float16)
+    assert dev.compute_dtype(cpu, torch.bfloat16) is torch.float32
+    assert dev.compute_dtype(cpu, torch.float16, None) is torch.float32
+    assert dev.compute_dtype(cpu, torch.float32) is torch.float32
+    assert dev.compute_dtype(cpu, torch.float64) is torch.float64
+    assert dev.compute_dtype(cpu, torch.bfloat16, "bf16") is torch.bfloat16  # an explicit choice wins
+    monkeypatch.setattr(dev, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert dev.compute_dtype(cpu, torch.bfloat16) is torch.bfloat16 and dev.compute_dtype(cpu, torch.float16) is \
+        torch.float32
+    monkeypatch.setattr(dev, "_cpu_flags", lambda: frozenset({"amx_bf16", "amx_fp16"}))
+    assert dev.compute_dtype(cpu, torch.float16) is torch.float16
+    for bad in ("int8", "float64", 3):
+        with pytest.raises(RankwiseError, match=r"^unknown compute dtype .*; use one of auto, bfloat16"):
+            dev.compute_dtype(cpu, torch.bfloat16, bad)
+    with pytest.raises(RankwiseError, match="^unknown compute dtype"):
+        __import__("rankwise").CompressConfig(compute_dtype="half-ish")
+
+
+def test_cpu_flags_are_read_from_proc_cpuinfo():
+    flags = dev._cpu_flags()
+    if __import__("platform").machine() == "x86_64" and __import__("os").path.exists("/proc/cpuinfo"):
+        assert "sse2" in flags  # every x86-64 CPU has it
+        has_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})
+        assert dev.fast_on(torch.device("cpu"), torch.bfloat16) is has_bf16

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -76,6 +77,35 @@ def test_streamed_equals_in_memory_and_materialises_one_block_at_a_time(sharded,
     export_dense_checkpoint(tmp_path / "out", tmp_path / "dense")
     plain = LlamaForCausalLM.from_pretrained(str(tmp_path / "dense"), dtype=torch.bfloat16).eval()
     assert torch.allclose(plain(x[:2]).logits.float(), model(x[:2]).logits.float(), atol=5e-2)
+
+
+def test_bf16_checkpoint_computed_in_float32_equals_the_upcast_model_in_memory(sharded, tmp_path, one_torch_thread):
+    """compute_dtype float32 on a bf16 checkpoint: the fp32 pipeline of the upcast model, stored in bf16."""
+    x = _x()[:4, :16]
+    cfg = _cfg(calib_samples=4, seq_len=16, sens_samples=2)
+    res = compress_checkpoint(sharded, tmp_path / "out", replace(cfg, compute_dtype="float32"), calib=x)
+    upcast = LlamaForCausalLM.from_pretrained(str(sharded), dtype=torch.bfloat16).float().eval()
+    ref = compress(upcast, replace(cfg, dtype="float32"), calib=x)
+    assert res.ranks == ref.ranks and any(r is not None for r in res.ranks.values())
+    reader = CheckpointReader(tmp_path / "out", check_sizes=False)
+    sd = upcast.state_dict()
+    factors = [k for k in reader.keys() if k.endswith((".A.weight", ".B.weight"))]
+    assert factors
+    for k in reader.keys():
+        assert reader.dtype(k) == torch.bfloat16, k  # stored as asked
+        got, want = reader.get(k).float(), sd[k].to(torch.bfloat16).float()
+        # the bf16 rounding of the same float32 result: equal, or one bf16 step apart where float32 sums differ
+        assert torch.allclose(got, want, rtol=2**-7, atol=1e-6), k
+    assert sum(torch.equal(reader.get(k).float(), sd[k].to(torch.bfloat16).float()) for k in factors) \
+        >= 0.5 * len(factors)
+    meta = json.loads((tmp_path / "out" / "rankwise.json").read_text())
+    assert meta["dtype"] == "bfloat16" and meta["compute_dtype"] == "float32"
+    # negative control: computing in bf16 itself (forced) moves the factors by more than bf16 rounding
+    compress_checkpoint(sharded, tmp_path / "bf", replace(cfg, compute_dtype="bfloat16"), calib=x)
+    other = CheckpointReader(tmp_path / "bf", check_sizes=False)
+    assert json.loads((tmp_path / "bf" / "rankwise.json").read_text())["compute_dtype"] == "bfloat16"
+    assert not all(other.shape(k) == reader.shape(k) and torch.allclose(
+        other.get(k).float(), reader.get(k).float(), rtol=2**-7, atol=1e-6) for k in factors)
 
 
 def test_same_seed_gives_bit_identical_safetensors(sharded, tmp_path, one_torch_thread):

@@ -43,6 +43,7 @@ from rankwise.compression.runner import SPILL_BYTES, BlockRunner, Blocks, find_b
 from rankwise.config import check_numbers
 from rankwise.engine.device import (
     DTYPE_CHOICES,
+    check_compute_dtype,
     compute_dtype,
     dtype_name,
     resolve_device,
@@ -151,7 +152,7 @@ class CompressConfig:
                     raise RankwiseError(f"{name} {v!r} is not a valid regular expression ({exc}).") from None
         resolve_device(self.device)  # one line naming what is available
         resolve_dtype(self.dtype)
-        resolve_dtype(self.compute_dtype)
+        check_compute_dtype(self.compute_dtype)
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise RankwiseError(f"threads must be a whole number ≥ 1, got {self.threads!r}.")

@@ -54,6 +54,14 @@ def check_dtype(value: Any) -> Any:
     return d
 
 
+def check_compute_dtype(value: Any) -> Any:
+    """Like :func:`check_dtype`, for ``--compute-dtype`` (the message names that option); imports no torch."""
+    try:
+        return check_dtype(value)
+    except RankwiseError:
+        raise RankwiseError(f"unknown compute dtype {value!r}; use one of {', '.join(DTYPE_CHOICES)}.") from None
+
+
 @functools.cache
 def _dtypes() -> dict[str, torch.dtype | None]:
     import torch
@@ -205,6 +213,7 @@ def compute_dtype(device: torch.device, storage_dtype: torch.dtype, spec: Any = 
     """
     import torch
 
-    if isinstance(spec, str) and spec.strip().lower() == "auto" or spec is None:
+    spec = check_compute_dtype("auto" if spec is None else spec)
+    if spec == "auto":
         return storage_dtype if fast_on(device, storage_dtype) else torch.float32
     return resolve_dtype(spec, storage_dtype)
