@@ -220,3 +220,67 @@ def test_callbacks_work_inside_a_hugging_face_trainer(tmp_path) -> None:
     assert switched and all(e["step"] == 2 for e in switched)  # first settled check after two checks
     n_low = sum(isinstance(m, LowRankLinear) for m in model.modules())
     assert n_low >= len(switched)
+
+
+# ------------------------------------------------------- Trainer checkpoints and resume
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                        num_key_value_heads=2, num_hidden_layers=2, vocab_size=64,
+                                        max_position_embeddings=32))
+
+
+def _windows(n: int = 24) -> list[dict[str, torch.Tensor]]:
+    ids = torch.randint(0, 64, (n, 16), generator=torch.Generator().manual_seed(1))
+    return [{"input_ids": r, "labels": r} for r in ids]
+
+
+def _galore(model):
+    from rankwise.train import galore_param_groups
+
+    return GaLoreAdamW(galore_param_groups(model, rank=4, update_proj_gap=2), lr=1e-2)
+
+
+@pytest.mark.parametrize("optimizer", ["trainer-adamw", "galore"])
+def test_cuttlefish_run_saves_and_resumes_exactly_through_the_trainer(tmp_path, optimizer) -> None:
+    """Factorised at step 2, checkpointed at step 3 (Trainer.save_model: a rankwise folder), resumed from it into a
+    fresh dense model: the switches are replayed into the model and the optimizer before the checkpoint's weights and
+    optimizer state load, so steps 4-6 and the final weights equal the uninterrupted run's."""
+    from transformers import AutoModelForCausalLM
+
+    import rankwise  # noqa: F401  (from_pretrained rebuilds factorised folders)
+    from rankwise.training import TrainConfig, train
+
+    def run(resume: str | None, out: str):
+        model = _tiny_llama()
+        cb = Cuttlefish(check_every=1, patience=1, tol=10.0)  # every matrix settles at the 2nd check: switch at 2
+        cfg = TrainConfig(steps=6, batch_size=2, save_steps=3, checkpoints=out, resume=resume, seed=0)
+        opt = _galore(model) if optimizer == "galore" else None
+        res = train(model, _windows(), cfg, lr=5e-3, optimizer=opt, callbacks=[cb], progress=False)
+        return model, cb, res
+
+    full, cb_full, res_full = run(None, str(tmp_path / "a"))
+    switched = [e for e in cb_full.events if e["action"] == "factorise"]
+    assert switched and {e["step"] for e in switched} == {2}
+    n_low = sum(isinstance(m, LowRankLinear) for m in full.modules())
+    assert n_low == len(switched)
+    # the step-3 checkpoint is a factorised folder that from_pretrained rebuilds (Trainer.save_model wrote it)
+    ck3 = AutoModelForCausalLM.from_pretrained(str(tmp_path / "a" / "checkpoint-3"))
+    assert sum(isinstance(m, LowRankLinear) for m in ck3.modules()) == n_low
+    x = torch.arange(32).view(2, 16)
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "a" / "checkpoint-6")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, full.eval()(x).logits, atol=0, rtol=0)
+
+    resumed, cb_res, res_res = run(str(tmp_path / "a" / "checkpoint-3"), str(tmp_path / "b"))
+    assert sum(isinstance(m, LowRankLinear) for m in resumed.modules()) == n_low
+    assert cb_res.events == cb_full.events and cb_res.done == cb_full.done  # the callback's state came back
+    assert res_res.losses[3:] == pytest.approx(res_full.losses[3:], rel=1e-6, abs=1e-7)
+    ref = dict(full.named_parameters())
+    assert set(ref) == {n for n, _ in resumed.named_parameters()}
+    for name, p in resumed.named_parameters():
+        torch.testing.assert_close(p, ref[name], atol=1e-6, rtol=1e-5, msg=name)
+    moved = [n for n, p in ref.items() if ".A." in n and not torch.equal(p, dict(ck3.named_parameters())[n])]
+    assert moved, "the factors did not train after the checkpoint"

@@ -1,5 +1,6 @@
 """Two-process DDP (gloo, CPU): GaLoreAdamW keeps parameters identical across ranks for every projection,
-and so does Cuttlefish when it switches layers to factors in the middle of training."""
+and so does Cuttlefish when it switches layers to factors in the middle of training (run through the one
+training loop, rankwise.training.train, where the HF Trainer wraps the model in DDP)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from transformers import TrainerCallback
 
 VARIANTS = [("svd", False), ("randomized", False), ("dct", False), ("svd", True)]
 
@@ -72,26 +74,40 @@ def _cuttlefish(rank: int) -> dict:
         Cuttlefish(check_every=1, patience=1, tol=10.0).step_end(DDP(model), 1, None)
     except RankwiseError as exc:
         out["error"] = str(exc)
-    ddp = DDP(model, find_unused_parameters=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    cb = Cuttlefish(check_every=1, patience=1, tol=10.0)  # every matrix settles at the 2nd check: switch at step 2
-    g = torch.Generator().manual_seed(200 + rank)  # different data on each rank
-    losses, factors_at_switch = [], None
-    for step in range(1, 7):
-        x = torch.randint(0, 64, (2, 16), generator=g)
-        loss = ddp(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        cb.on_step_end(ddp, step, optimizer=opt)
-        losses.append(float(loss.detach()))
-        if step == 2:
-            factors_at_switch = {n: p.detach().clone() for n, p in model.named_parameters() if ".A." in n or ".B." in n}
-    out["losses"] = losses
-    out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-    out["switched"] = sorted(n for n, m in model.named_modules() if isinstance(m, LowRankLinear))
-    out["at_switch"] = factors_at_switch
+    # through the one training loop (rankwise.training.train: the Trainer wraps DDP with find_unused_parameters);
+    # the Trainer gives each process its own share of every global batch
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    import rankwise.train.callbacks as callbacks
+    from rankwise.training import TrainConfig, train
+
+    g = torch.Generator().manual_seed(200)
+    rows = [{"input_ids": (x := torch.randint(0, 64, (16,), generator=g)), "labels": x} for _ in range(24)]
+    sync = callbacks.sync_new_parameters
+    for key, hook in (("synced", sync), ("unsynced", lambda params: None)):  # unsynced: the negative control
+        callbacks.sync_new_parameters = hook
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                             num_key_value_heads=2, num_hidden_layers=1, vocab_size=64))
+        cb = Cuttlefish(check_every=1, patience=1, tol=10.0)  # every matrix settles at the 2nd check: switch at 2
+        at_switch = _AtStep(2)
+        train(model, rows, TrainConfig(steps=6, batch_size=2, seed=0), lr=1e-2, callbacks=[cb, at_switch],
+              progress=False)
+        out[key] = {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                    "switched": sorted(n for n, m in model.named_modules() if isinstance(m, LowRankLinear)),
+                    "at_switch": at_switch.factors}
+    callbacks.sync_new_parameters = sync
     return out
+
+
+class _AtStep(TrainerCallback):
+    """Trainer callback keeping a copy of the factors after step ``step`` (run after Cuttlefish's switch)."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.factors = step, None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001 - TrainerCallback signature
+        if state.global_step == self.step:
+            self.factors = {n: p.detach().clone() for n, p in model.named_parameters() if ".A." in n or ".B." in n}
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +132,13 @@ def test_ddp_two_ranks_keep_identical_parameters(ranks) -> None:
 def test_cuttlefish_under_ddp_keeps_processes_identical(ranks) -> None:
     c0, c1 = ranks[0]["cuttlefish"], ranks[1]["cuttlefish"]
     assert "find_unused_parameters=True" in c0["error"] and "\n" not in c0["error"]
-    assert c0["switched"] and c0["switched"] == c1["switched"]  # layers were factorised, the same on both
-    assert c0["losses"] != c1["losses"]  # the processes saw different batches
-    for name, p in c0["params"].items():  # ... and still hold bitwise the same weights, factors included
-        assert torch.equal(p, c1["params"][name]), name
-    moved = [n for n, p in c0["at_switch"].items() if not torch.equal(p, c0["params"][n])]
+    s0, s1 = c0["synced"], c1["synced"]
+    assert s0["switched"] and s0["switched"] == s1["switched"]  # layers were factorised, the same on both
+    for name, p in s0["params"].items():  # ... and both hold bitwise the same weights, factors included
+        assert torch.equal(p, s1["params"][name]), name
+    moved = [n for n, p in s0["at_switch"].items() if not torch.equal(p, s0["params"][n])]
     assert moved, "the factors did not train after the switch"
+    # negative control: without the factors' gradient averaging the processes (different batches) drift apart
+    u0, u1 = c0["unsynced"], c1["unsynced"]
+    drift = [n for n, p in u0["params"].items() if not torch.equal(p, u1["params"][n])]
+    assert any(".A." in n or ".B." in n for n in drift), drift
