@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
     ap.add_argument("--name", default="calib_choice", help="result name under bench/results/")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="merge earlier result files")
+    ap.add_argument("--dense-from", default=None, metavar="JSON",
+                    help="reuse the dense valid perplexities of an earlier run's result file (same eval protocol) "
+                    "instead of measuring them again")
     args = ap.parse_args(argv)
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                               name=f"{t}:valid", progress=False).perplexity for t, text in texts.items()}
 
     t = time.perf_counter()
-    dense = evaluate(base)
+    dense = json.loads(Path(args.dense_from).read_text())["dense"] if args.dense_from else evaluate(base)
     print(f"dense valid: {dense} ({time.perf_counter() - t:.0f}s)", file=sys.stderr, flush=True)
     rows: list[dict] = []
     for spec in args.specs.split(","):

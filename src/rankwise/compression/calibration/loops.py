@@ -172,6 +172,7 @@ def parse_mixture(spec: str, n_samples: int) -> list[MixturePart]:
     ``n_samples``, and the result depends only on the spec.
     """
     import math
+    from fractions import Fraction
     from pathlib import Path
 
     spec = str(spec).strip()
@@ -204,8 +205,9 @@ def parse_mixture(spec: str, n_samples: int) -> list[MixturePart]:
         weights.append(weight)
     total = math.fsum(weights)
     norm = [w / total for w in weights]
-    quota = [n_samples * w for w in norm]
-    counts = [int(math.floor(q)) for q in quota]
+    exact = [Fraction(w) for w in weights]  # exact quotas: equal remainders tie exactly (then the earlier part wins)
+    quota = [n_samples * w / sum(exact) for w in exact]
+    counts = [math.floor(q) for q in quota]
     left = n_samples - sum(counts)
     order = sorted(range(len(quota)), key=lambda i: (-(quota[i] - counts[i]), i))
     for i in order[:left]:
