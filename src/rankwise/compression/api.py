@@ -35,10 +35,12 @@ from torch import nn
 from rankwise.compression.allocation import ALLOCATORS, NEEDS_SPECTRA, check_reachable
 from rankwise.compression.allocation.greedy import NORMALISATIONS
 from rankwise.compression.allocation.speed import SPEED_GUARDS, check_speed_guard, guarded_allocate
+from rankwise.compression.anchor import CrossCollector, anchor_factors
 from rankwise.compression.calibration.loops import CalibInfo, text_windows, windows_forward_loop
 from rankwise.compression.calibration.sensitivity import OutputGradMeter, frozen, output_sensitivity
 from rankwise.compression.calibration.stats import LayerStats, StatsCollector
 from rankwise.compression.methods import METHODS, MethodOptions, get_method
+from rankwise.compression.refine import refine_block
 from rankwise.compression.runner import SPILL_BYTES, BlockRunner, Blocks, find_blocks
 from rankwise.config import check_numbers
 from rankwise.engine.device import (
@@ -75,6 +77,15 @@ class CompressConfig:
     method: str = _f("whiten", "factorisation method", choices=METHODS.names)
     alloc: str = _f("global", "rank allocation", choices=ALLOCATORS.names)
     sequential: bool = _f(False, "calibrate block ℓ on the outputs of the compressed blocks < ℓ")
+    anchor: bool = _f(False, "solve each B in closed form against the dense layer's outputs on the inputs the "
+                      "compressed model feeds it (SVD-LLM V2 / AA-SVD); with --sequential this corrects the error "
+                      "earlier blocks pass on (without it, it equals plain whitened truncation for whiten)")
+    anchor_iters: int = _f(0, "anchor: alternating A/B least-squares updates after the closed-form B (0: B only)")
+    refine_steps: int = _f(0, "Adam steps per block on its factors, matching the dense block's outputs "
+                           "(0: no refinement)")
+    refine_lr: float = _f(1e-4, "block refinement: Adam learning rate")
+    refine_holdout: float = _f(0.25, "block refinement: fraction of the calibration batches held out for early "
+                               "stopping (the best state by held-out loss is kept), in (0, 1)")
     calib: str = _f("ptb", "calibration text, train split: ptb, bbc, a mixture like ptb+bbc, or FILE.txt")
     calib_samples: int = _f(32, "calibration windows")
     seq_len: int = _f(256, "tokens per calibration window")
@@ -130,7 +141,7 @@ class CompressConfig:
             if getattr(self, name) not in choices:
                 raise RankwiseError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
         for name, low in (("calib_samples", 1), ("seq_len", 2), ("sens_samples", 1), ("batch_size", 1),
-                          ("skip_first", 0), ("seed", 0)):
+                          ("skip_first", 0), ("seed", 0), ("anchor_iters", 0), ("refine_steps", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise RankwiseError(f"{name} must be a whole number ≥ {low}, got {v!r}.")
@@ -143,6 +154,12 @@ class CompressConfig:
             ok = isinstance(v, (int, float)) and math.isfinite(v) and lo <= v and (v <= hi if closed else v < hi)
             if not ok:
                 raise RankwiseError(f"{name} must lie in [{lo}, {hi}{']' if closed else ')'}, got {v!r}.")
+        for name in ("refine_lr", "refine_holdout"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 < v < 1):
+                raise RankwiseError(f"{name} must lie in (0, 1), got {v!r}.")
+        if self.anchor_iters and not self.anchor:
+            raise RankwiseError("anchor_iters needs anchor=True (--anchor).")
         for name in ("targets", "exclude"):
             v = getattr(self, name)
             if v is not None:
@@ -317,6 +334,7 @@ class PipelineResult:
     sequential: bool
     timings: dict[str, float]
     sensitivity: dict[str, float] | None = None
+    refine: dict[str, dict] | None = None  # block index -> RefineInfo.to_dict() (refine_steps > 0)
     targeted_after: int | None = None  # targeted weights left, when not rank·(m+n) per matrix (modegpt)
 
 
@@ -376,7 +394,7 @@ def run_pipeline(
         return r
 
     def collector(tg: list[Target], **kw) -> StatsCollector:
-        return StatsCollector(tg, want_xtx=kw.get("want_xtx", method.needs_xtx), want_abs=kw.get(
+        return StatsCollector(tg, want_xtx=kw.get("want_xtx", method.needs_xtx or config.anchor), want_abs=kw.get(
             "want_abs", method.needs_abs), want_grad=kw.get("want_grad", False), skip_first=config.skip_first,
             stats_device=sdev)
 
@@ -452,10 +470,22 @@ def run_pipeline(
 
     sequential = bool(config.sequential and method.needs_data and not method.needs_grad and blocks is not None)
     data_walk = method.needs_data and not method.needs_grad
+    if (config.anchor or config.refine_steps) and not (data_walk and loop is not None):
+        raise RankwiseError(f"anchor and refine_steps need the calibration statistics of a data walk, which method "
+                            f"{config.method!r} does not make; use whiten or asvd.")
+    if config.refine_steps and blocks is None:
+        raise RankwiseError("refine_steps refines decoder blocks, and this model has no repeated blocks holding the "
+                            "targeted layers; leave refine_steps at 0.")
+    anchor_cross: dict[str, torch.Tensor] = {}  # C = X_dᵀX_c of the block being factorised (sequential + anchor)
 
     def walk(process: Callable[[list[Target], dict[str, LayerStats]], bool], seq: bool, desc: str,
-             done: Callable[[int, nn.Module], None] | None = None) -> None:
-        """``process(targets, stats)`` per block, then once for targets outside the blocks; ``done(i, block)``."""
+             done: Callable[[int, nn.Module], None] | None = None,
+             post: Callable[[BlockRunner, int, nn.Module], None] | None = None) -> None:
+        """``process(targets, stats)`` per block, then once for targets outside the blocks; ``done(i, block)``.
+
+        ``post(runner, i, block)`` runs after a block was changed, before ``done`` (block refinement);
+        it needs the block's inputs and the dense teacher's outputs, so the walk then carries data.
+        """
         outside_stats: dict[str, LayerStats] = {}
         if outside:
             if data_walk and not (cache is not None and all(t.name in cache for t in outside)):
@@ -473,14 +503,21 @@ def run_pipeline(
             elif cache is not None:
                 outside_stats = cache
         if blocks is not None:
-            cached = cache is not None and not seq and all(t.name in cache for t in by_block_all)
+            cached = cache is not None and not seq and post is None and all(t.name in cache for t in by_block_all)
             use_data = data_walk and not cached
             r = runner(loop if use_data else None)
             current: dict[str, Any] = {}
+            # the dense teacher stream: anchoring and refinement target the dense model's outputs
+            teacher = seq and (config.anchor or post is not None)
 
             def collect(i: int) -> StatsCollector:
                 current["col"] = collector(by_block.get(i, []))
                 return current["col"]
+
+            def pair(i: int) -> CrossCollector:
+                current["cross"] = CrossCollector(by_block.get(i, []), skip_first=config.skip_first,
+                                                  stats_device=sdev)
+                return current["cross"]
 
             def visit(i: int, block: nn.Module) -> bool:
                 tg = by_block.get(i, [])
@@ -492,15 +529,25 @@ def run_pipeline(
                     _check_seen(tg, stats)
                     if cache is not None and not seq:
                         cache.update(stats)
+                    cross = current.pop("cross", None)
+                    anchor_cross.clear()
+                    if cross is not None:
+                        for c in cross.unique():
+                            dist.all_reduce_(c)
+                        anchor_cross.update(cross.cross)
                     changed = process(tg, stats)
+                    anchor_cross.clear()
                 else:
                     changed = process(tg, grad_stats if grad_stats is not None else (cache or {}))
+                if changed and post is not None:
+                    post(r, i, block)
                 if done is not None:
                     done(i, block)
                 return changed
 
             with r:
-                r.walk(visit, collect=collect, sequential=seq, with_data=use_data, desc=desc)
+                r.walk(visit, collect=collect, sequential=seq, with_data=use_data, desc=desc, teacher=teacher,
+                       pair=pair if teacher and config.anchor else None)
         if outside:
             process(outside, outside_stats)
 
@@ -540,8 +587,15 @@ def run_pipeline(
                 raise RuntimeError(f"rankwise bug: {name} reached factorisation without a rank")
             if k >= break_even_rank(*t.shape):
                 raise RankwiseError(f"{name}: rank {k} at/above break-even")  # allocators never do this
-            p = method.prepare(t.weight().to(sdev), stats.get(name), opts, name=name, vectors=True)
+            W = t.weight().to(sdev)
+            p = method.prepare(W, stats.get(name), opts, name=name, vectors=True)
             B, A = p.factors(k)
+            if config.anchor:  # B (and A) against the dense outputs (docs/methods.md §3, output anchoring)
+                st = stats.get(name)
+                if st is None or st.xtx is None:
+                    raise RankwiseError(f"anchor needs the input statistics XᵀX of {name}, which were not collected "
+                                        "(a statistics cache from a run without anchor?).")
+                B, A = anchor_factors(W, B, A, st.xtx, anchor_cross.get(name), iters=config.anchor_iters)
             if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
                 raise RankwiseError(f"factorising {name} produced NaN/inf; check the weights and statistics.")
             # factors in float32 (or wider), stored in the model's dtype on the device
@@ -559,14 +613,28 @@ def run_pipeline(
             set_module(model, name, layer)
         return bool(names)
 
+    refined: dict[str, dict] = {}
+    refine_seconds = [0.0]
+
+    def refine(r: BlockRunner, i: int, block: nn.Module) -> None:
+        t = time.perf_counter()
+        info = refine_block(r, i, block, steps=config.refine_steps, lr=config.refine_lr,
+                            holdout=config.refine_holdout, skip_first=config.skip_first, dist=dist)
+        if info is not None:
+            refined[str(i)] = info.to_dict()
+        refine_seconds[0] += time.perf_counter() - t
+
     desc = "compress" if config.alloc in NEEDS_SPECTRA and not sequential and data_walk else "calibrate + compress"
     with warnings.catch_warnings():
         if config.alloc in NEEDS_SPECTRA:  # the spectra pass already warned about the same matrices
             warnings.simplefilter("ignore", UserWarning)
-        walk(factorise, seq=sequential, desc=desc, done=on_block_done)
+        walk(factorise, seq=sequential, desc=desc, done=on_block_done,
+             post=refine if config.refine_steps > 0 else None)
     timings["factorisation"] = time.perf_counter() - t2
+    if config.refine_steps > 0:
+        timings["refine"] = refine_seconds[0]  # part of the factorisation pass
     return PipelineResult(rank_of=rank_of, alloc=alloc, sequential=sequential, timings=timings,
-                          sensitivity=sensitivity)
+                          sensitivity=sensitivity, refine=refined or None)
 
 
 def sensitivity_windows(
@@ -763,5 +831,6 @@ def build_meta(config: CompressConfig, out: PipelineResult, result: CompressResu
         "compute_dtype": dtype_name(compute if compute is not None else dtype),
         "torch_threads": torch.get_num_threads(),
         "timings": result.timings,
+        **({"refine": out.refine} if out.refine else {}),
         **({"healing": result.healing} if result.healing else {}),
     }

@@ -268,6 +268,21 @@ def _stoppable(model: nn.Module) -> Iterator[None]:
 # -- the runner -----------------------------------------------------------------------------------------
 
 
+@dataclass
+class BlockStream:
+    """The hidden states around the block being processed in :meth:`BlockRunner.walk`.
+
+    ``inputs``/``outputs``: the walked (with ``sequential``: compressed) model's inputs of the
+    block and the block's outputs before ``process`` changed it. ``teacher_inputs`` /
+    ``teacher_outputs``: the dense model's (the same stores when no dense teacher stream is walked).
+    """
+
+    inputs: HiddenStore
+    outputs: HiddenStore
+    teacher_inputs: HiddenStore
+    teacher_outputs: HiddenStore
+
+
 def _default_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         if not p.is_meta:
@@ -306,6 +321,7 @@ class BlockRunner:
         self.h0: HiddenStore | None = None
         self._template: Any = None
         self.loaded: set[int] = set()  # blocks materialised right now (tests count them)
+        self.stream: BlockStream | None = None  # set during a walk's process(i, block)
         self.max_loaded = 0
 
     # -- resources --
@@ -445,6 +461,8 @@ class BlockRunner:
         sequential: bool = False,
         with_data: bool = True,
         desc: str = "blocks",
+        teacher: bool = False,
+        pair: Callable[[int], Any] | None = None,
     ) -> None:
         """Visit every block in order, materialised.
 
@@ -452,31 +470,73 @@ class BlockRunner:
         collector), then ``process(i, block)`` is called; it returns True when it changed the
         block, and with ``sequential`` the block is then run again so the next block sees the
         changed block's outputs. Without data, ``process`` is just called on each block.
+
+        During ``process`` :attr:`stream` holds the block's inputs and outputs (a
+        :class:`BlockStream`). ``teacher`` (with ``sequential``): also walk the *dense* model
+        beside the compressed one: each block, before ``process`` changes it, runs on the dense
+        stream's hidden states too, so ``stream.teacher_outputs`` are the dense model's outputs of
+        the block at the same token positions. ``pair(i)`` (with ``teacher``) returns an object
+        whose ``dense()`` and ``paired()`` context managers wrap, batch by batch, the block's run on
+        the dense stream and then on the compressed stream (cross statistics: see
+        :class:`rankwise.compression.anchor.CrossCollector`); ``collect(i)`` is then entered once per
+        batch (a :class:`StatsCollector` can be). Where both streams still coincide (block 0) the
+        block runs once and ``pair`` is not called.
         """
         hiddens: HiddenStore | None = None
+        dense: HiddenStore | None = None
         if with_data:
             if self.calls is None:
                 self.capture()
             hiddens = self.h0
+            dense = self.h0 if teacher and sequential else None
         with progress_bar(len(self.blocks.modules), desc=desc, unit="block", enabled=self.progress) as bar:
             for i in range(len(self.blocks.modules)):
                 with self.block(i) as block:
                     if hiddens is None:
                         process(i, block)
                     else:
-                        ctx = collect(i) if collect is not None else contextlib.nullcontext()
-                        with ctx:
-                            outs = self.run(i, block, hiddens)
-                        changed = process(i, block)
+                        if dense is not None and dense is not hiddens:
+                            outs, touts = self._run_pair(i, block, hiddens, dense, collect, pair)
+                        else:
+                            ctx = collect(i) if collect is not None else contextlib.nullcontext()
+                            with ctx:
+                                outs = self.run(i, block, hiddens)
+                            touts = outs
+                        self.stream = BlockStream(inputs=hiddens, outputs=outs, teacher_outputs=touts,
+                                                  teacher_inputs=dense if dense is not None else hiddens)
+                        try:
+                            changed = process(i, block)
+                        finally:
+                            self.stream = None
                         if sequential and changed and i + 1 < len(self.blocks.modules):
-                            outs.free()
+                            if touts is not outs or dense is None:
+                                outs.free()
                             outs = self.run(i, block, hiddens)
-                        if hiddens is not self.h0:
-                            hiddens.free()
+                        for old in {id(s): s for s in (hiddens, dense) if s is not None}.values():
+                            if old is not self.h0:
+                                old.free()
                         hiddens = outs
+                        dense = touts if dense is not None else None
                 bar.update(1)
-        if hiddens is not None and hiddens is not self.h0:
-            hiddens.free()
+        for old in {id(s): s for s in (hiddens, dense) if s is not None}.values():
+            if old is not self.h0:
+                old.free()
+
+    @torch.no_grad()
+    def _run_pair(self, i: int, block: nn.Module, hiddens: HiddenStore, dense: HiddenStore,
+                  collect: Callable[[int], contextlib.AbstractContextManager] | None,
+                  pair: Callable[[int], Any] | None) -> tuple[HiddenStore, HiddenStore]:
+        """Block ``i`` on the dense and on the compressed stream, batch by batch; (outputs, dense outputs)."""
+        outs, touts = self.store(), self.store()
+        col = collect(i) if collect is not None else None
+        pr = pair(i) if pair is not None else None
+        for b in range(len(hiddens)):
+            with pr.dense() if pr is not None else contextlib.nullcontext():
+                touts.append(self.forward_block(i, block, b, dense[b]))
+            with col if col is not None else contextlib.nullcontext(), (
+                    pr.paired() if pr is not None else contextlib.nullcontext()):
+                outs.append(self.forward_block(i, block, b, hiddens[b]))
+        return outs, touts
 
     def backward(
         self,
