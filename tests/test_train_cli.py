@@ -146,3 +146,39 @@ def test_existing_output_is_refused_before_training(tiny_folder, text_file, tmp_
     out.mkdir()
     rc = main([*_common(tiny_folder, text_file, out), "--optimizer", "galore"])
     assert rc == 2 and "already exists" in capsys.readouterr().err
+
+
+def test_cuttlefish_run_resumes_from_a_trainer_checkpoint(tiny_folder, text_file, tmp_path) -> None:
+    """--checkpoints/--save-steps, then --resume from the checkpoint written after Cuttlefish's switch (step 3): the
+    resumed run rebuilds the factorised layers and ends with the uninterrupted run's weights and losses."""
+    import rankwise
+
+    base = [*_common(tiny_folder, text_file, tmp_path / "x"), "--optimizer", "adamw", "--callback", "cuttlefish",
+            "--cf-check-every", "1", "--cf-tol", "10", "--steps", "5", "--eval-tokens", "0"]
+    base = base[: base.index("--out")] + base[base.index("--out") + 2:]
+    assert main([*base, "--out", str(tmp_path / "full"), "--checkpoints", str(tmp_path / "ck"),
+                 "--save-steps", "3"]) == 0
+    assert main([*base, "--out", str(tmp_path / "resumed"), "--resume", str(tmp_path / "ck" / "checkpoint-3")]) == 0
+    full, resumed = (json.loads((tmp_path / n / "train.json").read_text()) for n in ("full", "resumed"))
+    assert [e["step"] for e in full["callback_events"] if e["action"] == "factorise"] == [3] * 14  # 2 layers x 7
+    assert resumed["callback_events"] == full["callback_events"]  # restored from the checkpoint, not re-decided
+    assert resumed["train"]["losses"] == pytest.approx(full["train"]["losses"], rel=1e-6)
+    a, b = rankwise.load(tmp_path / "full"), rankwise.load(tmp_path / "resumed")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and any(".A.weight" in k for k in sa)
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--save-steps", "2"], "--save-steps needs --checkpoints"),
+        (["--resume", "last"], "--resume last needs --checkpoints"),
+        (["--resume", "nowhere"], "not a Trainer checkpoint folder"),
+    ],
+)
+def test_checkpoint_option_errors(tiny_folder, text_file, tmp_path, capsys, extra, match) -> None:
+    rc = main([*_common(tiny_folder, text_file, tmp_path / "bad"), "--optimizer", "adamw", *extra])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert rc == 2 and len(err) == 1 and match in err[0], err

@@ -33,6 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads for torch (default: torch's choice; 1 is faster on a busy shared machine)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (deprecated: use --quiet, which also silences messages)")
+    parser.add_argument("--checkpoints", default=None, metavar="DIR",
+                        help="folder for Trainer checkpoints (checkpoint-N/: weights, optimizer, scheduler, RNG, "
+                             "callback state)")
+    parser.add_argument("--save-steps", type=positive_int("--save-steps"), default=None, metavar="N",
+                        help="write a Trainer checkpoint every N steps into --checkpoints")
+    parser.add_argument("--resume", default=None, metavar="DIR",
+                        help="resume from a Trainer checkpoint folder ('last': the newest in --checkpoints); "
+                             "start from the same model and options: layers a callback factorised are rebuilt")
 
 
 def _check(args: argparse.Namespace, config: TrainRunConfig) -> None:
@@ -50,6 +58,19 @@ def _check(args: argparse.Namespace, config: TrainRunConfig) -> None:
             raise RankwiseError("--export-dense must differ from --out.")
         if d.exists() and not args.overwrite:
             raise RankwiseError(f"output folder {d} already exists; pass --overwrite or another --export-dense.")
+    save_steps, checkpoints, resume = (getattr(args, k, None) for k in ("save_steps", "checkpoints", "resume"))
+    if save_steps and not checkpoints:
+        raise RankwiseError("--save-steps needs --checkpoints DIR (where the Trainer writes checkpoint-N/).")
+    if resume == "last" and not checkpoints:
+        raise RankwiseError("--resume last needs --checkpoints DIR.")
+    if resume not in (None, "last"):
+        from pathlib import Path
+
+        if not (Path(resume) / "trainer_state.json").is_file():
+            raise RankwiseError(f"--resume {resume}: not a Trainer checkpoint folder (no trainer_state.json).")
+    if config.fsdp and (save_steps or resume):
+        raise RankwiseError("--fsdp runs cannot write or resume Trainer checkpoints (the Trainer does not checkpoint "
+                            "a model sharded before it); drop --save-steps/--resume or train with DDP.")
     if config.fsdp:
         from rankwise.compression.distributed import Dist
 
@@ -115,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     result = fit(model, tok, config, optimizer, scheduler=scheduler,
                  callbacks=([callback] if callback else []) + regime.callbacks(), world=dist.world,
-                 progress=not args.no_progress and dist.is_writer)
+                 progress=not args.no_progress and dist.is_writer, save_steps=args.save_steps,
+                 checkpoints=args.checkpoints, resume=args.resume)
     train_s = time.perf_counter() - t0
     shared = _shared_numbers(result, dist)
     model = _gathered(model, args, dist)
@@ -202,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def fit(model: Any, tok: Any, config: TrainRunConfig, optimizer: Any, scheduler: Any = None,
-        callbacks: list[Any] | None = None, world: int = 1, progress: bool = True) -> dict[str, Any]:
+        callbacks: list[Any] | None = None, world: int = 1, progress: bool = True, save_steps: int | None = None,
+        checkpoints: str | None = None, resume: str | None = None) -> dict[str, Any]:
     """Train ``model`` on ``config.data`` through the one loop, :func:`rankwise.training.train` (the HF Trainer).
 
     Data: non-overlapping ``seq_len`` windows of the training text (BOS first) in the Trainer's seeded
@@ -210,7 +233,8 @@ def fit(model: Any, tok: Any, config: TrainRunConfig, optimizer: Any, scheduler:
     processes take consecutive shares of one ``world × batch_size`` global batch), so two runs with the
     same seed see the same batches. Constant learning rate unless ``scheduler`` is given; gradients
     clipped at 1.0. Returns the run record written to ``train.json``'s ``"train"`` (losses, per-step
-    seconds, GaLore refresh seconds, optimizer-state bytes, callback events).
+    seconds, GaLore refresh seconds, optimizer-state bytes, callback events). ``save_steps``,
+    ``checkpoints`` and ``resume`` are the Trainer's checkpointing (:class:`rankwise.training.TrainConfig`).
     """
     from rankwise.io.texts import load_text
     from rankwise.training import LMWindows, TrainConfig, lm_collate
@@ -221,7 +245,8 @@ def fit(model: Any, tok: Any, config: TrainRunConfig, optimizer: Any, scheduler:
     tcfg = TrainConfig(task="lm", data=config.data, steps=config.steps, lr=config.learning_rate,
                        batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed,
                        weight_decay=config.weight_decay, grad_clip=1.0, lr_schedule="constant",
-                       device="cpu" if device.type == "cpu" else str(device))
+                       device="cpu" if device.type == "cpu" else str(device), save_steps=save_steps,
+                       checkpoints=checkpoints, resume=resume)
     dataset = LMWindows(tok, load_text(config.data, "train"), config.seq_len,
                         need_windows=config.steps * config.batch_size * world)
     res = trainer_train(model, dataset, tcfg, collator=lm_collate, lr=config.learning_rate, optimizer=optimizer,
