@@ -57,7 +57,9 @@ WRAP = (
     "    except (OSError, StopIteration, ValueError):\n"
     "        pass\n"
     "    time.sleep(0.5)\n"
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
     "json.dump({'rc': p.returncode, 'seconds': time.perf_counter() - t, 'rss_series': series,\n"
+    "           'cpu_seconds': u.ru_utime + u.ru_stime,\n"
     "           'peak_rss_bytes': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024},\n"
     "          open(sys.argv[1], 'w'))\n"
 )
@@ -82,19 +84,20 @@ def stage_peaks(series: list, seconds: float, timings: dict | None) -> dict | No
     return out
 
 
-def build_checkpoint(layers: int) -> tuple[Path, int]:
+def build_checkpoint(layers: int, shape: dict | None = None) -> tuple[Path, int]:
     """The random Llama-shaped bf16 checkpoint (written once, one tensor at a time); (folder, parameters)."""
+    shape = shape or SHAPE
     from accelerate import init_empty_weights
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rankwise.io.models import load_tokenizer
     from rankwise.io.shards import ShardedWriter
 
-    folder = CACHE / f"scale-llama-{layers}L-{SHAPE['hidden']}-{SHAPE['inter']}-bf16"
+    folder = CACHE / f"scale-llama-{layers}L-{shape['hidden']}-{shape['inter']}-bf16"
     tok = load_tokenizer("smollm2-135m")
-    cfg = LlamaConfig(hidden_size=SHAPE["hidden"], intermediate_size=SHAPE["inter"],
-                      num_attention_heads=SHAPE["heads"], num_key_value_heads=SHAPE["kv"],
-                      head_dim=SHAPE["head_dim"], num_hidden_layers=layers, vocab_size=len(tok),
+    cfg = LlamaConfig(hidden_size=shape["hidden"], intermediate_size=shape["inter"],
+                      num_attention_heads=shape["heads"], num_key_value_heads=shape["kv"],
+                      head_dim=shape["head_dim"], num_hidden_layers=layers, vocab_size=len(tok),
                       max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, dtype="bfloat16")
     with init_empty_weights():
@@ -175,7 +178,7 @@ def merge(names: list[str]) -> None:
 
     parts = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
     out = {"run": parts[0]["run"], "parts": {n: p["run"] for n, p in zip(names, parts)},
-           "shape": SHAPE, "calibration": parts[0]["calibration"],
+           "shape": parts[0].get("shape", SHAPE), "calibration": parts[0]["calibration"],
            "depth": sorted((r for p in parts for r in p["depth"]), key=lambda r: r["layers"]),
            "smollm2": next((p["smollm2"] for p in parts if p.get("smollm2")), None),
            "gpu": next((p["gpu"] for p in parts if p.get("gpu")), None)}
@@ -198,6 +201,8 @@ def main() -> None:
     ap.add_argument("--skip-smollm", action="store_true")
     ap.add_argument("--skip-old", action="store_true", help="do not run the pre-streaming pipeline side by side")
     ap.add_argument("--old", default="deb9b95", help="commit of the pipeline to compare against")
+    ap.add_argument("--shape", default=None, metavar="HIDDEN,INTER,HEADS,KV",
+                    help="another Llama shape for the depth rows (heads of 128), e.g. 512,2048,4,2 on a loaded machine")
     ap.add_argument("--repeats", type=int, default=2, help="SmolLM2 runs of each pipeline, alternated")
     args = ap.parse_args()
     if args.merge:
@@ -206,19 +211,24 @@ def main() -> None:
     info = run_info()
     work = Path(tempfile.mkdtemp(prefix="rankwise-scale-"))
     threads = {"OMP_NUM_THREADS": str(args.threads)}
-    result: dict = {"run": info, "shape": SHAPE, "calibration": {"samples": args.calib_samples,
+    shape = dict(SHAPE)
+    if args.shape:
+        h, i, nh, kv = (int(v) for v in args.shape.split(","))
+        shape = {"hidden": h, "inter": i, "heads": nh, "kv": kv, "head_dim": h // nh}
+    result: dict = {"run": info, "shape": shape, "calibration": {"samples": args.calib_samples,
                                                                   "seq_len": args.seq_len},
                     "depth": [], "smollm2": None, "gpu": None}
     try:
         # 1. depth
         for n in args.layers:
-            folder, params = build_checkpoint(n)
+            folder, params = build_checkpoint(n, shape)
             r = measured(rankwise_cmd("compress", str(folder), "--dtype", "bfloat16", "--threads", str(args.threads),
                                       "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len),
                                       "--out", str(work / f"L{n}"), "--overwrite", "--quiet",
                                       "--json", str(work / f"L{n}.json")), work, f"L{n}", threads)
             row = {"layers": n, "params": params, "fp32_bytes": 4 * params, "peak_rss_bytes": r["peak_rss_bytes"],
-                   "seconds": r["seconds"], "timings": r.get("timings"), "stage_peaks": r["stage_peaks"],
+                   "seconds": r["seconds"], "cpu_seconds": r.get("cpu_seconds"), "timings": r.get("timings"),
+                   "stage_peaks": r["stage_peaks"],
                    "rss_series": r["rss_series"][::4],  # every 2 s
                    "rss_over_fp32": r["peak_rss_bytes"] / (4 * params)}
             result["depth"].append(row)
@@ -256,6 +266,7 @@ def main() -> None:
                     load = [round(x, 2) for x in os.getloadavg()]
                     r = measured(cmd, work, f"smol{i}" if kind == "streamed" else f"smol-old{i}", threads)
                     runs[kind].append({"peak_rss_bytes": r["peak_rss_bytes"], "seconds": r["seconds"],
+                                       "cpu_seconds": r.get("cpu_seconds"),
                                        "timings": r.get("timings"), "load_avg_before": load,
                                        "stage_peaks": r["stage_peaks"],
                                        "rss_over_fp32": r["peak_rss_bytes"] / fp32})

@@ -77,6 +77,8 @@ def _logits(folder: Path, windows: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 narrow layers, 8 windows (smoke run)")
+    ap.add_argument("--shape", default=None, metavar="LAYERS,HIDDEN,INTER,HEADS,KV",
+                    help="another Llama shape (e.g. 4,512,2048,4,2 on a loaded machine)")
     ap.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: the pipeline's)")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the pipeline's)")
     ap.add_argument("--work", default=None, help="folder for the outputs (default: a temporary one)")
@@ -87,6 +89,8 @@ def main() -> None:
         shape = {"layers": 2, "hidden": 256, "inter": 1024, "heads": 4, "kv": 2}
     else:
         shape = {"layers": 4, "hidden": 1536, "inter": 6144, "heads": 12, "kv": 4}
+    if args.shape:
+        shape = dict(zip(("layers", "hidden", "inter", "heads", "kv"), (int(v) for v in args.shape.split(","))))
     name = "llama-{layers}L-{hidden}-{inter}-bf16".format(**shape)
     ckpt = build_checkpoint(**shape, folder=CACHE / name)
     work = Path(args.work) if args.work else Path(
