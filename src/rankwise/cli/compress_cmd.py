@@ -96,6 +96,10 @@ def _table(result, export_s: float, out, dense_dir) -> None:
     if result.calibration:
         c = result.calibration
         table.add_row("calibration", f"{c.get('text')} ({c.get('samples')}×{c.get('seq_len')}, seed {c.get('seed')})")
+    if getattr(result, "healing", None):
+        h = result.healing
+        table.add_row("healing (LoRA on each factor, folded; ranks unchanged)",
+                      f"{h['steps']} steps, rank {h['rank']}, loss {h['first_loss']:.3f} → {h['final_loss']:.3f}")
     stages = " / ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
     table.add_row("time: compress (stages)", f"{result.seconds:.1f} s ({stages})")
     if dense_dir:
