@@ -67,6 +67,10 @@ def guarded_allocate(
     toks = parse_tokens(tokens)
     info = {"speed_guard": guard, "speed_tokens": ",".join(map(str, toks)), "speed_cost": str(cost)}
     limits = speed_max_ranks(shapes, toks, cost)
+    if cost == "measure" and torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [limits]  # timings differ between processes: every process allocates with rank 0's limits
+        torch.distributed.broadcast_object_list(box, src=0)
+        limits = box[0]
     out: Allocation | None = None
     applied = False
     if guard != "off":
