@@ -183,3 +183,29 @@ def test_token_ids_of_a_long_text_are_cached_and_identical(tmp_path, monkeypatch
     second, _ = text_windows(tok, str(text), 6, 32, seed=3)
     direct = sample_windows(tok, text.read_text(), 6, 32, seed=3)
     assert torch.equal(first, direct) and torch.equal(second, direct)
+
+
+def test_interrupt_in_the_middle_of_the_walk_leaves_no_output(sharded, tmp_path, monkeypatch, one_torch_thread):
+    """SIGTERM becomes an exception in the CLI (like Ctrl-C): raised while block 1 is in the works, it leaves
+    neither the output, nor its temporary folder, nor spilled hidden states."""
+    import tempfile
+
+    spill_root = tmp_path / "tmp"
+    spill_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill_root))
+    loads = []
+
+    def on_block(event, i):
+        if event == "load":
+            loads.append(i)
+            if len(loads) == LAYERS + 2:  # in the middle of the backward (top-down) walk
+                raise KeyboardInterrupt
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("previous output")
+    with pytest.raises(KeyboardInterrupt):
+        compress_checkpoint(sharded, tmp_path / "out", _cfg(calib_samples=4, seq_len=16, sens_samples=2),
+                            calib=_x()[:4, :16], overwrite=True, on_block=on_block, spill_bytes=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tmp"]  # no temporary folder beside the output
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"]  # the old output is untouched
+    assert not any(spill_root.iterdir())  # spilled hidden states removed
