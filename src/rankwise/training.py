@@ -318,7 +318,7 @@ class RankwiseTrainer(Trainer):
 
             restore_adapter_tensors(model, resume_from_checkpoint)
             return None
-        if _stored_structure(self, resume_from_checkpoint):
+        if _stored_structure(resume_from_checkpoint):
             # the checkpoint's layers were factorised by a callback mid-run: this (dense) model cannot take its
             # weights yet; they are loaded once the switches are replayed (_load_optimizer_and_scheduler)
             self._pending_rebuild = resume_from_checkpoint
@@ -344,34 +344,32 @@ class RankwiseTrainer(Trainer):
         return super()._load_optimizer_and_scheduler(checkpoint)
 
 
-def _callback_states(trainer: Trainer, checkpoint: str) -> list[tuple[Any, dict]]:
-    """(live callback, its stored state) for every rankwise callback saved in ``checkpoint``'s trainer state."""
+def _stored_callbacks(checkpoint: str) -> dict[str, list[dict]]:
+    """The ``ExportableState`` callbacks recorded in ``checkpoint``'s trainer_state.json: class name → states."""
     import json
 
     path = os.path.join(checkpoint, "trainer_state.json")
     if not os.path.isfile(path):
-        return []
+        return {}
     with open(path, encoding="utf-8") as fh:
         stored = json.load(fh).get("stateful_callbacks") or {}
+    return {name: data if isinstance(data, list) else [data] for name, data in stored.items()}
+
+
+def _callback_states(trainer: Trainer, checkpoint: str) -> list[tuple[Any, dict]]:
+    """(live callback, its stored state) for every rankwise callback saved in ``checkpoint``'s trainer state."""
     out = []
-    for name, data in stored.items():
+    for name, data in _stored_callbacks(checkpoint).items():
         live = [cb for cb in trainer.callback_handler.callbacks
                 if type(cb).__name__ == name and hasattr(cb, "load_state") and hasattr(cb, "rebuild")]
-        out.extend(zip(live, data if isinstance(data, list) else [data]))
+        out.extend(zip(live, data))  # several callbacks of one class: in order, as the Trainer stores them
     return out
 
 
-def _stored_structure(trainer: Trainer, checkpoint: str) -> bool:
+def _stored_structure(checkpoint: str) -> bool:
     """Whether ``checkpoint`` records layers that a callback factorised during the run."""
-    import json
-
-    path = os.path.join(checkpoint, "trainer_state.json")
-    if not os.path.isfile(path):
-        return False
-    with open(path, encoding="utf-8") as fh:
-        stored = json.load(fh).get("stateful_callbacks") or {}
-    for data in stored.values():
-        for item in data if isinstance(data, list) else [data]:
+    for data in _stored_callbacks(checkpoint).values():
+        for item in data:
             events = (item.get("attributes") or {}).get("events") or []
             if any(e.get("action") == "factorise" and e.get("step") is not None for e in events):
                 return True
