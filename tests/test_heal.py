@@ -179,3 +179,20 @@ def test_heal_without_factorised_layers_is_an_error():
     model = tiny_llama()
     with pytest.raises(RankwiseError, match="no"):
         attach_lora(copy.deepcopy(model), rank=4)
+
+
+def test_heal_under_torchrun_is_refused_before_any_work(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from rankwise.compression import distributed
+    from rankwise.compression.heal import check_heal_supported
+    from rankwise.compression.streaming import compress_checkpoint
+
+    enabled = classmethod(lambda cls, device=None: SimpleNamespace(enabled=True))
+    monkeypatch.setattr(distributed.Dist, "current", enabled)
+    check_heal_supported(CompressConfig())  # no healing: nothing to refuse
+    with pytest.raises(RankwiseError, match="torchrun"):
+        check_heal_supported(CompressConfig(heal_steps=2))
+    with pytest.raises(RankwiseError, match="torchrun"):
+        compress_checkpoint(tmp_path / "no-model", tmp_path / "out", CompressConfig(heal_steps=2))
+    assert not (tmp_path / "out").exists()

@@ -156,6 +156,15 @@ class _Rows(torch.utils.data.Dataset):
         return {"input_ids": self.rows[i], "labels": self.rows[i]}
 
 
+def check_heal_supported(config: Any) -> None:
+    """Healing runs in one process: under ``torchrun`` it is a one-line error (before any work)."""
+    from rankwise.compression.distributed import Dist
+
+    if getattr(config, "heal_steps", 0) and Dist.current(getattr(config, "device", None)).enabled:
+        raise RankwiseError("--heal-steps runs in one process and is not supported under torchrun; compress with "
+                            "torchrun, then heal the output in one process (rankwise tune --method heal).")
+
+
 def heal(model: nn.Module, config: Any, tokenizer=None, windows: torch.Tensor | None = None) -> HealResult:
     """Heal the compressed ``model`` in place: LoRA on its factors, ``config.heal_steps`` steps, folded.
 
@@ -168,6 +177,7 @@ def heal(model: nn.Module, config: Any, tokenizer=None, windows: torch.Tensor | 
 
     if config.heal_steps < 1:
         raise RankwiseError(f"heal_steps must be ≥ 1 to heal, got {config.heal_steps}.")
+    check_heal_supported(config)
     t0 = time.perf_counter()
     rows, data = heal_windows(config, tokenizer, windows)
     home = next(model.parameters()).device

@@ -196,6 +196,10 @@ def compress_checkpoint(
     if callable(calib) and not isinstance(calib, torch.Tensor):
         raise RankwiseError("a streamed compress cannot run a forward_loop callable (the model is never whole); "
                             "pass text or token windows as calib, or use rankwise.compress on a model in memory.")
+    if config.heal_steps:
+        from rankwise.compression.heal import check_heal_supported
+
+        check_heal_supported(config)
     dest = check_writable(out, is_dir=True)
     if dest.exists() and not overwrite:
         raise RankwiseError(f"output folder {dest} already exists; pass --overwrite (overwrite=True) or another --out.")
