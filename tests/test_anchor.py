@@ -238,3 +238,62 @@ def test_cli_exposes_anchor_options():
                                                           "--refine-lr", "3e-5", "--refine-holdout", "0.5"]))
     assert (cfg.anchor, cfg.anchor_iters, cfg.refine_steps, cfg.refine_lr, cfg.refine_holdout) == (
         True, 2, 5, 3e-5, 0.5)
+
+
+# -- torch.distributed --------------------------------------------------------------------------------------
+
+_DIST_CASES = {"anchor": {"sequential": True, "anchor": True, "batch_size": 4},
+               "refine": {"sequential": True, "anchor": True, "refine_steps": 4, "refine_lr": 1e-5, "batch_size": 2}}
+
+
+def _dist_compress() -> dict:
+    out = {}
+    for name, over in _DIST_CASES.items():
+        model = _tiny_llama()
+        compress(model, CompressConfig(**{"ratio": 0.5, "progress": False, "sens_samples": 2, **NO_GUARD, **over}),
+                 calib=_windows())
+        out[name] = {"state": {k: v.clone() for k, v in model.state_dict().items()},
+                     "refine": model.rankwise_meta.get("refine")}
+    return out
+
+
+def _dist_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as tdist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.save(_dist_compress(), f"{out}/rank{rank}.pt")
+    tdist.destroy_process_group()
+
+
+def test_anchor_and_refine_under_two_processes(tmp_path, one_torch_thread):
+    """Cross statistics are all-reduced (two processes equal one), refinement steps agree on every process."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_dist_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    two = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    one = _dist_compress()
+
+    def dense(state: dict) -> dict:
+        return {k[: -len(".A.weight")]: state[k[: -len(".A.weight")] + ".B.weight"].double() @ v.double()
+                for k, v in state.items() if k.endswith(".A.weight")}
+
+    ref = dense(one["anchor"]["state"])
+    assert ref
+    for r in two:
+        got = dense(r["anchor"]["state"])
+        for k, v in ref.items():  # equal up to float summation order (the cross statistics were summed)
+            assert float((got[k] - v).norm() / v.norm()) < 2e-4, k
+    for k, v in two[0]["refine"]["state"].items():  # the same steps on both processes: the same model
+        assert torch.equal(v, two[1]["refine"]["state"][k]), k
+    info = two[0]["refine"]["refine"]
+    assert info and all(b["best"] <= b["start"] for b in info.values())
+    assert two[1]["refine"]["refine"] == info
