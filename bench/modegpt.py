@@ -48,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--no-default", action="store_true", help="skip the default-pipeline rows")
+    ap.add_argument("--rows", default=None,
+                    help="explicit rows instead of the automatic plan: comma list of RATIO[s][d][v] (s: sequential, "
+                    "d: the default pipeline instead of modegpt, v: validation texts only), e.g. 0.2,0.4,0.2sv")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense row (merge with a part that has it)")
+    ap.add_argument("--speed", action="store_true",
+                    help="instead: prefill/decode tokens/s of dense and modegpt at --ratios, measured alternately "
+                    "(rankwise.evaluation.speed.measure_speed; calibration 8 windows, only the shapes matter)")
     ap.add_argument("--name", default="modegpt", help="bench/results/NAME.json")
     ap.add_argument("--merge", nargs="+", metavar="NAME", help="merge bench/results/NAME.json files into --name")
     args = ap.parse_args(argv)
@@ -57,13 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         from _common import RESULTS
 
         parts = [json.loads((RESULTS / f"{n}.json").read_text()) for n in args.merge]
+        dense = next(p["dense"] for p in parts if p["dense"])
         rows = [dict(r, process=n) for n, p in zip(args.merge, parts) for r in p["rows"]]
-        write_result(args.name, {"model": parts[0]["model"], "eval": parts[0]["eval"], "dense": parts[0]["dense"],
-                                 "rows": rows, "note": "merged; each row's x_dense uses the dense row of its own "
-                                 "process (identical numbers)", "parts": {n: p["run"] for n, p in zip(args.merge,
-                                                                                                       parts)},
-                                 "run": run_info()})
-        _table(parts[0]["dense"], rows)
+        for r in rows:
+            r.update({f"x_dense_{k}": r[f"ppl_{k}"] / dense[k] for k in dense if f"ppl_{k}" in r})
+        write_result(args.name, {"model": parts[0]["model"], "eval": parts[0]["eval"], "dense": dense,
+                                 "rows": rows, "note": "merged from one process per part",
+                                 "parts": {n: p["run"] for n, p in zip(args.merge, parts)}, "run": run_info()})
+        _table(dense, rows)
         return 0
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -71,27 +79,30 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [float(r) for r in args.ratios.split(",")]
     tok = load_tokenizer(args.model)
     base = load_model(args.model)
+    if args.speed:
+        return _speed(args, tok, base, ratios, info)
     texts = {k: load_text(name, split) for k, (name, split) in TEXTS.items()}
 
-    def evaluate(model) -> dict[str, float]:
+    def evaluate(model, valid_only: bool = False) -> dict[str, float]:
         return {k: perplexity(model, tok, text, seq_len=args.seq_len, max_tokens=args.tokens, name=k).perplexity
-                for k, text in texts.items()}
+                for k, text in texts.items() if not (valid_only and k.endswith("_test"))}
 
     t = time.perf_counter()
-    dense = evaluate(base)
+    dense = {} if args.no_dense else evaluate(base)
     dense_s = time.perf_counter() - t
     print(f"dense: {dense} ({dense_s:.0f}s)", file=sys.stderr, flush=True)
     rows: list[dict] = []
 
-    def row(tag: str, ratio: float, **fields) -> dict:
+    def row(tag: str, ratio: float, valid_only: bool = False, **fields) -> dict:
         config = CompressConfig(ratio=ratio, **fields)
         model = copy.deepcopy(base)
         res = compress(model, config, tokenizer=tok)
         t0 = time.perf_counter()
-        ppl = evaluate(model)
+        ppl = evaluate(model, valid_only)
         r = {"tag": tag, "ratio": ratio, "method": config.method, "alloc": config.alloc,
              "sequential": res.sequential, "calib": config.calib, "achieved_ratio": res.achieved_ratio,
-             **{f"ppl_{k}": v for k, v in ppl.items()}, **{f"x_dense_{k}": ppl[k] / dense[k] for k in ppl},
+             **{f"ppl_{k}": v for k, v in ppl.items()},
+             **{f"x_dense_{k}": ppl[k] / dense[k] for k in ppl if k in dense},
              "compress_s": res.seconds, "timings": res.timings, "eval_s": time.perf_counter() - t0}
         rows.append(r)
         print(f"{tag:22s} ρ={ratio} seq={res.sequential} achieved={res.achieved_ratio:.4f} "
@@ -108,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0.5 * (math.log(r["ppl_ptb_valid"]) + math.log(r["ppl_bbc_valid"]))
 
     seq: bool | None = None
+    if args.rows:
+        for spec in args.rows.split(","):
+            r = float(spec.rstrip("sdv"))
+            fields = {} if "d" in spec else {"method": "modegpt", "sequential": "s" in spec}
+            row("default pipeline" if "d" in spec else "modegpt", r, valid_only="v" in spec, **fields)
+        ratios = []
     for ratio in ratios:
         if seq is None:
             a = row("modegpt", ratio, method="modegpt", sequential=False)
@@ -119,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_default:
             row("default pipeline", ratio)
     for r in rows:
-        r["chosen"] = r["tag"] != "modegpt" or r["sequential"] == seq
+        r["chosen"] = seq is None or r["tag"] != "modegpt" or r["sequential"] == seq
     write_result(args.name, {"model": args.model, "eval": {"tokens": args.tokens, "seq_len": args.seq_len,
                                                            "bos": True, "texts": list(TEXTS)},
                              "dense": dense, "dense_eval_s": dense_s, "rows": rows, "run": info,
@@ -128,12 +145,42 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _speed(args, tok, base, ratios: list[float], info: dict) -> int:
+    from rankwise.evaluation.speed import measure_speed, prompt_ids
+
+    models = {"dense": base}
+    compress_s = {}
+    for r in ratios:
+        m = copy.deepcopy(base)
+        compress_s[f"modegpt {r}"] = compress(m, CompressConfig(ratio=r, method="modegpt", calib_samples=8),
+                                              tokenizer=tok).seconds
+        models[f"modegpt {r}"] = m
+    ids = prompt_ids(tok, load_text("ptb", "valid"), 256, name="ptb valid")
+    res = measure_speed(models, ids, new_tokens=32, repeats=3, warmup=1)
+    out = {name: s.to_dict() for name, s in res.items()}
+    d = res["dense"]
+    ratios_out = {name: {"prefill_vs_dense": s.prefill_tokens_per_s / d.prefill_tokens_per_s,
+                         "decode_vs_dense": (s.decode_tokens_per_s or 0) / (d.decode_tokens_per_s or 1),
+                         "prefill_cpu_vs_dense": sorted(d.prefill_cpu_s)[len(d.prefill_cpu_s) // 2]
+                         / sorted(s.prefill_cpu_s)[len(s.prefill_cpu_s) // 2],
+                         "decode_cpu_vs_dense": sorted(d.decode_cpu_s)[len(d.decode_cpu_s) // 2]
+                         / sorted(s.decode_cpu_s)[len(s.decode_cpu_s) // 2]}
+                  for name, s in res.items()}
+    write_result(args.name, {"model": args.model, "prompt_tokens": 256, "new_tokens": 32, "speed": out,
+                             "vs_dense": ratios_out, "compress_s": compress_s, "run": info})
+    for name, v in ratios_out.items():
+        print(f"{name:14s} prefill {res[name].prefill_tokens_per_s:8.1f} tok/s ({v['prefill_vs_dense']:.2f}x, cpu "
+              f"{v['prefill_cpu_vs_dense']:.2f}x)  decode {res[name].decode_tokens_per_s or 0:6.1f} tok/s "
+              f"({v['decode_vs_dense']:.2f}x, cpu {v['decode_cpu_vs_dense']:.2f}x)")
+    return 0
+
+
 def _table(dense: dict, rows: list[dict]) -> None:
     print(f"\n{'row':22s} {'ρ':>4s} {'seq':>5s} " + " ".join(f"{k:>10s}" for k in TEXTS) + "  compress_s")
-    print(f"{'dense':22s} {'':4s} {'':5s} " + " ".join(f"{dense[k]:10.2f}" for k in TEXTS))
+    print(f"{'dense':22s} {'':4s} {'':5s} " + " ".join(f"{dense.get(k, math.nan):10.2f}" for k in TEXTS))
     for r in rows:
         print(f"{r['tag']:22s} {r['ratio']:4.1f} {str(r['sequential']):>5s} "
-              + " ".join(f"{r['ppl_' + k]:10.2f}" for k in TEXTS) + f"  {r['compress_s']:.0f}")
+              + " ".join(f"{r.get('ppl_' + k, math.nan):10.2f}" for k in TEXTS) + f"  {r['compress_s']:.0f}")
 
 
 if __name__ == "__main__":
