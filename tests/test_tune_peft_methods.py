@@ -166,3 +166,40 @@ def test_peft_adapter_on_the_factors_of_a_compressed_model():
     assert trainable_parameters(pm) == 2 * ((2 * (6 + 64) + 6) + (2 * (64 + 6) + 64))
     res = train(pm, _rows(4), TrainConfig(steps=3, batch_size=4), lr=3e-2, progress=False)
     assert res.losses[-1] < res.losses[0]
+
+
+def test_corda_covariances_equal_peft_own_and_work_on_an_encoder_pooler():
+    """rankwise feeds PEFT's CorDA the covariances PEFT's own hook computes (bitwise, on a decoder), and also on
+    an encoder whose pooler sees one vector per sequence, where PEFT's hook collapses them to a scalar."""
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import calib_cov_distribution, target_modules
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from rankwise.tune.peft_backend import _corda_covariances
+
+    model = tiny_llama()
+    cfg = peft.LoraConfig(r=4, target_modules=_names(model), init_lora_weights="corda",
+                          corda_config=CordaConfig(corda_method="ipm"))
+    batch = {"input_ids": IDS}
+
+    def run_model():
+        for i in range(len(IDS)):
+            model(input_ids=IDS[i: i + 1])
+
+    with torch.no_grad():
+        calib_cov_distribution(model, cfg, run_model, None, None)
+    ours = _corda_covariances(model, cfg, [batch], torch.device("cpu"))
+    names = [n for n, _ in target_modules(model, cfg)]
+    assert sorted(ours) == sorted(names)
+    for name, mod in target_modules(model, cfg):
+        assert torch.equal(ours[name], mod.covariance_matrix), name
+
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=64, num_labels=3))
+    rows = [{"input_ids": IDS, "attention_mask": torch.ones_like(IDS), "labels": torch.tensor([0, 1])}]
+    covs = _corda_covariances(bert, peft.LoraConfig(r=4, target_modules=["dense"], init_lora_weights="corda",
+                                                    corda_config=CordaConfig()), rows, torch.device("cpu"))
+    assert covs["bert.pooler.dense"].shape == (32, 32)  # PEFT's own hook: a 0-d tensor here
+    pm = apply(bert, AdapterConfig(method="corda", rank=4, modules_to_save="^classifier$"), data=rows, progress=False)
+    assert is_peft_model(pm) and trainable_parameters(pm) > 0

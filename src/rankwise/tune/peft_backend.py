@@ -158,13 +158,14 @@ class PeftMethod:
         if self.name == "corda":
             from peft.tuners.lora.corda import preprocess_corda
 
-            @torch.no_grad()
-            def run_model() -> None:  # PEFT's CorDA hook takes one sequence per forward
-                for b in batches:
-                    for i in range(len(b["input_ids"])):
-                        model(**{k: v[i: i + 1].to(device) for k, v in b.items() if k != "labels"})
-
-            preprocess_corda(model, pcfg, run_model=run_model)
+            with tempfile.TemporaryDirectory(prefix="rankwise-corda-") as tmp:
+                # PEFT's covariance hook squeezes the batch axis and takes xᵀx, which breaks on a layer fed one
+                # vector per sequence (an encoder's pooler: (1, n) → (n,), a scalar "covariance"). The same
+                # statistics, computed on (-1, n) rows, reach PEFT through its own covariance_file.
+                pcfg.corda_config.covariance_file = os.path.join(tmp, "covariance.pt")
+                torch.save(_corda_covariances(model, pcfg, batches, device), pcfg.corda_config.covariance_file)
+                preprocess_corda(model, pcfg)
+            pcfg.corda_config.covariance_file = None
         pm = peft.get_peft_model(model, pcfg, low_cpu_mem_usage=self.name == "eva")
         if self.name == "eva":
             from peft import initialize_lora_eva_weights
@@ -348,3 +349,43 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, merge: bool = T
         check_fingerprint(model, folder, meta)
     pm = load(model, folder, meta)
     return pm.merge_and_unload() if merge else pm
+
+
+@torch.no_grad()
+def _corda_covariances(model: nn.Module, pcfg: Any, batches: list[dict[str, torch.Tensor]],
+                       device: torch.device) -> dict[str, torch.Tensor]:
+    """PEFT's CorDA input covariances (``peft.tuners.lora.corda.calib_cov_distribution``), one sequence per
+    forward: for each target, the mean over forwards of x̂ᵀx̂ with x̂ = x / |max x| and x the layer input as
+    (-1, n) rows (PEFT squeezes the batch axis instead, which loses the row axis of pooled inputs)."""
+    from peft.tuners.lora.corda import target_modules
+
+    fp16 = bool(getattr(pcfg.corda_config, "use_float16_for_covariance", False))
+    sums: dict[str, Any] = {}
+    counts: dict[str, int] = {}
+
+    def hook_for(name: str):
+        def hook(module, inputs, output):  # noqa: ANN001 - forward-hook signature
+            x = inputs[0].detach()
+            x = x.reshape(-1, x.shape[-1])
+            if not fp16:
+                x = x.float()
+            x = x / torch.max(x).abs()
+            if torch.isnan(x).any() or torch.isinf(x).any():
+                raise RankwiseError(f"corda: non-finite inputs reach {name}; check the calibration data.")
+            sums[name] = sums.get(name, 0) + x.t().matmul(x)
+            counts[name] = counts.get(name, 0) + 1
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in target_modules(model, pcfg)]
+    was_training = model.training
+    model.eval()
+    try:
+        for b in batches:
+            for i in range(len(b["input_ids"])):
+                model(**{k: v[i: i + 1].to(device) for k, v in b.items() if k != "labels"})
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {n: sums[n] / counts[n] for n in sums}
