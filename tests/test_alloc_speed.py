@@ -21,6 +21,7 @@ from rankwise.engine.metrics import break_even_rank
 from rankwise.errors import RankwiseError
 from rankwise.evaluation.cost_model import LayerCostModel, slow_layers, speed_max_ranks
 from rankwise.surgery.lowrank import LowRankLinear
+from tiny_models import tiny_llama_config, write_tiny_llama
 
 SHAPES = [(96, 96), (32, 96), (256, 96), (96, 256), (96, 96), (32, 96)]
 # factorised matmuls at 0.8–0.9 of the dense rate plus a per-call overhead: slower than dense above ~0.7–0.9 ×
@@ -141,7 +142,6 @@ def test_config_errors_are_one_line(tmp_path):
 
 
 def test_compress_keeps_no_layer_slower_than_dense(tmp_path, one_torch_thread):
-    from tests.tiny_models import tiny_llama_config
     from transformers import LlamaForCausalLM
 
     cost_file = tmp_path / "cost.json"
@@ -167,3 +167,23 @@ def test_compress_keeps_no_layer_slower_than_dense(tmp_path, one_torch_thread):
     assert res_on.dense  # capping removed more than asked: whole matrices went back to dense
     info = model.rankwise_meta["allocation_info"]
     assert info["speed_guard"] == "strict" and info["speed_guard_applied"] and info["slower_than_dense"] == 0
+
+
+def test_cli_speed_guard(tmp_path, capsys, one_torch_thread):
+    from rankwise.cli.main import main
+
+    src = write_tiny_llama(tmp_path / "model")
+    capsys.readouterr()  # save_pretrained's own progress output
+    args = ["compress", str(src), "--method", "svd", "--alloc", "uniform", "--ratio", "0.3", "--quiet"]
+    # tiny layers: two matmul calls always lose to one under the builtin CPU cost model
+    assert main([*args, "--speed-guard", "strict", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "slower than dense" in err[0] and "--speed-guard off" in err[0]
+    assert not (tmp_path / "s").exists()
+    assert main([*args, "--speed-tokens", "0", "--out", str(tmp_path / "t")]) == 2
+    assert "tokens per call" in capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main([*args, "--out", str(tmp_path / "a")]) == 0  # auto: not applicable here, so not applied
+    info = json.loads((tmp_path / "a" / "rankwise.json").read_text())["allocation_info"]
+    assert info["speed_guard"] == "auto" and info["speed_guard_applied"] is False and info["slower_than_dense"] > 0
