@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ratio", type=float, default=0.2)
     ap.add_argument("--rows", default="default,seq,anchor+seq,refine", help=f"comma list of {', '.join(ROWS)}")
     ap.add_argument("--refine-lr", type=float, default=None, help="refine rows: Adam lr (default: the config's)")
+    ap.add_argument("--refine-steps", type=int, default=None, help="refine rows: steps per block (default 12)")
+    ap.add_argument("--dense-from", default=None, metavar="JSON",
+                    help="take the dense perplexities from an earlier result of the same protocol (saves the eval)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -74,7 +77,12 @@ def main(argv: list[str] | None = None) -> int:
                 for k, text in texts.items()}
 
     t = time.perf_counter()
-    dense = evaluate(base)
+    if args.dense_from:
+        import json
+
+        dense = json.loads(Path(args.dense_from).read_text())["dense"]
+    else:
+        dense = evaluate(base)
     print(f"dense: {dense} ({time.perf_counter() - t:.0f}s)", file=sys.stderr, flush=True)
     rows = []
     cache: dict = {}
@@ -83,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         over = dict(ROWS[row])
         if args.refine_lr is not None and "refine_steps" in over:
             over["refine_lr"] = args.refine_lr
+        if args.refine_steps is not None and "refine_steps" in over:
+            over["refine_steps"] = args.refine_steps
         proto = {k: v for k, v in (("calib_samples", args.calib_samples), ("sens_samples", args.sens_samples))
                  if v is not None}
         config = CompressConfig(ratio=args.ratio, progress=False, **proto, **over)
