@@ -14,6 +14,18 @@ all GaLore variants at rank 128, scale 0.25, the same update gap, the same
 parameter groups (attention/MLP matrices projected; embedding, norms plain).
 Second table: AdamW with the TRP and Cuttlefish callbacks on the same run.
 
+Training regimes (issue 13), AdamW on the regime's trainable parameters, same data and steps:
+
+* ``sltrain``       every attention/MLP matrix W = s·B A + S, S on a fixed random support (density δ)
+* ``relora``        W frozen + LoRA merged every ``--relora-every`` steps, partial optimizer reset, jagged cosine
+* ``lost``          SVD split: top-r low-rank part + channel-sparse part from the rest of the spectrum
+* ``sltrain@LR``    (any regime row may carry ``@LR``) the same at another learning rate (SLTrain's paper: 3e-3)
+
+Third table (regimes): parameters (whole model and targeted matrices, also the closed form at the
+full 30-layer depth), trainable parameters, optimizer state, peak RSS, tokens/s, final loss and its
+ratio to AdamW's. ``--layers N`` trains a shallower SmolLM2 (same width, vocabulary and blocks) so the
+rows fit the shared CPU; every row of one run uses the same depth, steps and batches.
+
 Columns: optimizer-state bytes (resident, counted from the state tensors,
 projections included) for the whole model and for the projected matrices
 only, peak RSS during the run, median time per step, time per projection
@@ -21,6 +33,8 @@ refresh (all matrices at one refresh step), final train loss (mean of the last
 5 steps), PTB-test perplexity.
 
     .venv/bin/python bench/train_memory.py            # writes bench/results/train_memory.json
+    .venv/bin/python bench/train_memory.py --only adamw,rw-svd,sltrain,relora,lost --layers 4 --steps 40 \
+        --out bench/results/train_regimes.json
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ from typing import Any
 
 import torch
 
+from _common import run_info  # bench/_common.py
 from _peers import galore_torch_adamw  # bench/_peers.py (run as python bench/train_memory.py)
 from rankwise.evaluation.memory import PeakMemory
 from rankwise.evaluation.perplexity import perplexity
@@ -45,10 +60,34 @@ from rankwise.io.atomic import atomic_file
 from rankwise.io.models import load_tokenizer, resolve_model
 from rankwise.io.texts import load_text
 from rankwise.train import TRP, Cuttlefish, GaLoreAdamW, galore_param_groups, optimizer_state_bytes
-from rankwise.train.loop import train_loop, training_windows
+from rankwise.train.config import TrainRunConfig, build_regime
 
 OPTIMIZERS = ["adamw", "galore-torch", "rw-svd", "rw-randomized", "rw-dct", "rw-fira"]
 CALLBACKS = ["adamw+trp", "adamw+cuttlefish"]
+REGIMES = ["sltrain", "relora", "lost"]
+
+
+def regime_of(name: str) -> tuple[str | None, float | None]:
+    """(regime, learning rate override) of a row name such as ``sltrain`` or ``sltrain@3e-3``."""
+    base, _, lr = name.partition("@")
+    return (base, float(lr) if lr else None) if base in REGIMES else (None, None)
+
+
+def run_config(args: argparse.Namespace, regime: str = "dense", lr: float | None = None) -> TrainRunConfig:
+    """The ``rankwise train`` configuration of one row (the loop takes data, steps and batches from it)."""
+    return TrainRunConfig(steps=args.steps, optimizer="adamw", regime=regime, from_scratch=True, data="ptb",
+                          lr=lr or args.lr, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
+                          rank=args.regime_rank, sparse_density=args.sparse_density,
+                          relora_every=args.relora_every, relora_warmup=args.relora_warmup)
+
+
+def train_row(model: torch.nn.Module, tok: Any, opt: Any, args: argparse.Namespace, callbacks: list[Any],
+              desc: str, scheduler: Any = None, config: TrainRunConfig | None = None) -> dict[str, Any]:
+    """One row through the one training loop (``rankwise train``'s: the HF Trainer), constant LR unless given."""
+    from rankwise.cli.train_cmd import fit
+
+    return fit(model, tok, config or run_config(args), opt, scheduler=scheduler, callbacks=callbacks,
+               progress=not args.quiet)
 
 
 def release_memory() -> None:
@@ -106,29 +145,42 @@ class PeerRefreshTimer:
         self.cls.get_orthogonal_matrix = self.orig
 
 
-def run_one(name: str, config: Any, tok: Any, windows: torch.Tensor, test_text: str, args: argparse.Namespace
-            ) -> dict[str, Any]:
+def run_one(name: str, config: Any, tok: Any, test_text: str, args: argparse.Namespace) -> dict[str, Any]:
     release_memory()
     model = build_model(config, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
-    opt = build_optimizer(name, model, args)
+    regime_name, regime_lr = regime_of(name)
+    regime = None
+    if regime_name is not None:
+        rcfg = run_config(args, regime_name, regime_lr)
+        regime = build_regime(rcfg)
+        regime.prepare(model)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=rcfg.learning_rate, eps=1e-6,
+                                weight_decay=0.0)
+    else:
+        opt = build_optimizer(name, model, args)
     callbacks = []
     if name.endswith("+trp"):
         callbacks = [TRP(lam=args.trp_lam, every=args.trp_every, energy=args.trp_energy,
                          penalty_every=args.trp_penalty_every)]
     elif name.endswith("+cuttlefish"):
         callbacks = [Cuttlefish(check_every=args.cf_check_every, tol=args.cf_tol, patience=2)]
+    scheduler, row_config = None, None
+    if regime is not None:
+        callbacks = regime.callbacks()
+        scheduler = regime.scheduler(opt, args.steps)
+        row_config = rcfg
     peer_timer = PeerRefreshTimer() if name == "galore-torch" else None
     rss = PeakMemory(interval_s=0.05)
     t0 = time.perf_counter()
     with rss:
         if peer_timer is not None:
             with peer_timer:
-                result = train_loop(model, opt, windows, args.batch_size, callbacks=callbacks, desc=name)
+                result = train_row(model, tok, opt, args, callbacks, name)
         else:
-            result = train_loop(model, opt, windows, args.batch_size, callbacks=callbacks, desc=name)
+            result = train_row(model, tok, opt, args, callbacks, name, scheduler=scheduler, config=row_config)
     wall = time.perf_counter() - t0
-    refresh = peer_timer.seconds if peer_timer is not None else result.refresh_seconds
+    refresh = peer_timer.seconds if peer_timer is not None else result["refresh_seconds"]
     n_refresh_steps = len(range(0, args.steps, args.update_gap))
     mem = optimizer_state_bytes(opt)
     ppl = perplexity(model, tok, test_text, seq_len=args.eval_seq_len, max_tokens=args.eval_tokens, name="ptb:test")
@@ -141,19 +193,24 @@ def run_one(name: str, config: Any, tok: Any, windows: torch.Tensor, test_text: 
         "state_bytes_logical": mem.logical,
         "state_bytes_logical_projected": mem.logical_projected,
         "peak_rss_bytes": rss.peak_bytes,
-        "seconds_per_step": result.seconds_per_step,
+        "seconds_per_step": result["seconds_per_step"],
+        "tokens_per_second": result["tokens"] / wall if wall > 0 else None,
         "train_seconds": wall,
         "refresh_seconds_total": sum(refresh) if refresh else None,
         "refresh_seconds_per_refresh": (sum(refresh) / n_refresh_steps) if refresh else None,
         "refresh_count_matrices": len(refresh),
-        "final_loss": result.final_loss,
-        "losses": result.losses,
+        "final_loss": result["final_loss"],
+        "losses": result["losses"],
         "perplexity": ppl.perplexity,
         "params_start": n_params,
         "params_end": n_params_end,
-        "events": [e for e in result.events if e.get("action") == "factorise"][:5],
-        "n_factorised": sum(1 for e in result.events if e.get("action") == "factorise"),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "events": [e for e in result["events"] if e.get("action") in ("factorise", "merge")][:5],
+        "n_factorised": sum(1 for e in result["events"] if e.get("action") == "factorise"),
     }
+    if regime is not None:
+        out["regime"] = regime.summary(model)
+        out["lr"] = rcfg.learning_rate
     del model, opt, result
     release_memory()
     return out
@@ -171,7 +228,7 @@ def print_tables(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r["name"] in CALLBACKS:
+        if r["name"] in CALLBACKS or regime_of(r["name"])[0]:
             continue
         pct = pct_p = "-"
         proj_bytes = r["adamw_projected_bytes"] if r["name"] == "adamw" else r["state_bytes_projected"]
@@ -191,9 +248,55 @@ def print_tables(rows: list[dict[str, Any]]) -> str:
         for r in cb_rows:
             lines.append(f"| {r['name']} | {r['params_end']:,} | {r['n_factorised']} | {r['final_loss']:.3f} | "
                          f"{r['perplexity']:.1f} |")
+    reg_rows = [r for r in rows if regime_of(r["name"])[0] or r["name"] in ("adamw", "rw-svd")]
+    if any(regime_of(r["name"])[0] for r in reg_rows):
+        lines += ["", "| regime | lr | parameters | % AdamW | targeted matrices | % dense "
+                  "| params at 30 layers (% dense) | trainable | state MiB | peak RSS MiB | tokens/s | final loss "
+                  "| / AdamW | PTB ppl |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in reg_rows:
+            tgt = r.get("targeted_params") or {}
+            full = r.get("full_depth_params") or {}
+            ratio = "-" if not base else f"{r['final_loss'] / base['final_loss']:.3f}"
+            pp = "-" if not base else f"{100 * r['params_end'] / base['params_end']:.1f}"
+            lines.append(
+                f"| {r['name']} | {r.get('lr', '-')} | {r['params_end']:,} | {pp} | {tgt.get('regime', 0):,} | "
+                f"{100 * tgt.get('ratio', 1):.1f} | {full.get('model_regime', 0):,} "
+                f"({100 * full.get('model_ratio', 1):.1f}) | "
+                f"{r['trainable_params']:,} | {mib(r['state_bytes'])} | {mib(r['peak_rss_bytes'])} | "
+                f"{r['tokens_per_second']:.0f} | {r['final_loss']:.3f} | {ratio} | {r['perplexity']:.1f} |")
     text = "\n".join(lines)
     print(text)
     return text
+
+
+def regime_params(config: Any, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Closed-form parameter counts of a regime on ``config``'s architecture (meta model: nothing allocated).
+
+    Targeted matrices: dense m·n (+bias) against sltrain r(m+n) + ⌊δmn⌋, lost r(m+n) + m·round(δn),
+    relora m·n + r(m+n) (the frozen W stays); whole model: the rest of the parameters added.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from rankwise.surgery.targets import find_targets
+    from rankwise.train.regimes.lost import lost_channels
+    from rankwise.train.regimes.sltrain import sltrain_nnz
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # on the meta device the head is not tied to the embeddings until asked
+    total = sum(p.numel() for p in model.parameters())
+    r, d = args.regime_rank, args.sparse_density
+    dense = new = 0
+    for t in find_targets(model):
+        m, n = t.shape
+        dense += m * n
+        new += {"sltrain": r * (m + n) + sltrain_nnz(m, n, d), "lost": r * (m + n) + m * lost_channels(n, d),
+                "relora": m * n + r * (m + n)}.get(name, m * n)
+    return {"dense": dense, "regime": new, "ratio": new / dense, "model_dense": total,
+            "model_regime": total - dense + new, "model_ratio": (total - dense + new) / total,
+            "layers": config.num_hidden_layers}
 
 
 def check_goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -220,6 +323,15 @@ def check_goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "final_loss_relative": by["rw-svd-galore-eps"]["final_loss"] / peer["final_loss"] - 1,
             "perplexity_relative": by["rw-svd-galore-eps"]["perplexity"] / peer["perplexity"] - 1,
         }
+    sl = next((by[n] for n in by if regime_of(n)[0] == "sltrain"), None)
+    if adamw and sl:
+        goals["sltrain_params_le_60pct_of_dense"] = {
+            "ratio_at_bench_depth": sl["params_end"] / adamw["params_end"],
+            "ratio_at_30_layers": sl["full_depth_params"]["model_ratio"],
+            "met_at_bench_depth": sl["params_end"] / adamw["params_end"] <= 0.6,
+            "met_at_30_layers": sl["full_depth_params"]["model_ratio"] <= 0.6}
+        rel = {n: by[n]["final_loss"] / adamw["final_loss"] - 1 for n in by if regime_of(n)[0] == "sltrain"}
+        goals["sltrain_loss_within_10pct_of_adamw"] = {"relative": rel, "met": any(v <= 0.10 for v in rel.values())}
     if "rw-fira" in by and "rw-svd" in by:
         ref = [by["rw-svd"]["final_loss"]] + ([peer["final_loss"]] if peer else [])
         goals["fira_loss_le_galore"] = {"fira": by["rw-fira"]["final_loss"], "galore": ref,
@@ -248,12 +360,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cf-tol", type=float, default=0.02)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: OpenMP spinning makes 2 threads far slower on a busy shared box)")
-    ap.add_argument("--only", default=None, help="comma-separated subset of runs")
+    ap.add_argument("--only", default=None, help="comma-separated subset of runs (regime rows: sltrain, relora, "
+                    "lost, optionally @LR, e.g. sltrain@3e-3)")
+    ap.add_argument("--layers", type=int, default=None, help="train a SmolLM2 of this depth (default: its 30)")
+    ap.add_argument("--regime-rank", type=int, default=128, help="rank of the sltrain / relora / lost factors")
+    ap.add_argument("--sparse-density", type=float, default=0.03, help="sltrain / lost sparse density")
+    ap.add_argument("--relora-every", type=int, default=10, help="relora: steps between merges")
+    ap.add_argument("--relora-warmup", type=int, default=2, help="relora: (re-)warm-up steps of the jagged cosine")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_memory.json"))
     ap.add_argument("--append", action="store_true",
                     help="add the rows of this invocation to an existing --out JSON (marked 'separate_process')")
     ap.add_argument("--render", default=None, help="only print the tables and goals of an existing JSON")
+    ap.add_argument("--recount", action="store_true",
+                    help="with --render: recompute the closed-form 30-layer parameter counts and store them")
     args = ap.parse_args(argv)
+    if args.render and args.recount:  # closed-form parameter counts only (no training): recompute and store
+        from transformers import AutoConfig
+
+        saved = json.loads(Path(args.render).read_text())
+        full = AutoConfig.from_pretrained(str(resolve_model(saved["settings"]["model"])))
+        ns = argparse.Namespace(**saved["settings"])
+        for r in saved["rows"]:
+            r["full_depth_params"] = regime_params(full, regime_of(r["name"])[0] or "dense", ns)
+        saved["goals"] = check_goals(saved["rows"])
+        with atomic_file(args.render) as fh:
+            fh.write(json.dumps(saved, indent=2) + "\n")
     if args.render:
         saved = json.loads(Path(args.render).read_text())
         print_tables(saved["rows"])
@@ -266,16 +398,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     path = resolve_model(args.model)
     config = AutoConfig.from_pretrained(str(path))
+    full_config = AutoConfig.from_pretrained(str(path))
+    if args.layers is not None:
+        config.num_hidden_layers = args.layers
     tok = load_tokenizer(path)
-    windows = training_windows(tok, load_text("ptb", "train"), args.steps, args.batch_size, args.seq_len,
-                               seed=args.seed, name="ptb:train")
+    info = run_info()
     test_text = load_text("ptb", "test")
     names = OPTIMIZERS + CALLBACKS if args.only is None else args.only.split(",")
     t_start = time.perf_counter()
     rows = []
     for name in names:
         print(f"== {name}", file=sys.stderr, flush=True)
-        row = run_one(name, config, tok, windows, test_text, args)
+        row = run_one(name, config, tok, test_text, args)
+        row["targeted_params"] = regime_params(config, regime_of(name)[0] or "dense", args)
+        row["full_depth_params"] = regime_params(full_config, regime_of(name)[0] or "dense", args)
         print(json.dumps({k: v for k, v in row.items() if k not in ("losses", "events")}), file=sys.stderr, flush=True)
         rows.append(row)
     # AdamW's bytes on the projected matrices alone: 2 moments of each of them (+ its step counter)
@@ -297,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python bench/train_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "model_architecture": args.model,
+        "layers": config.num_hidden_layers,
+        "run": info | {"load_avg_end": [round(x, 2) for x in os.getloadavg()]},
         "tokens_per_step": args.batch_size * args.seq_len,
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "platform": platform.platform(), "torch": torch.__version__,
