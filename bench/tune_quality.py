@@ -14,8 +14,10 @@ Parts (``--parts``, default all but ``heal``), scaled so the whole script fits a
   The per-step losses give the LoRA-GA goal (steps to reach LoRA's final loss).
 * ``parity``: rankwise's dora/olora vs PEFT used by hand (LoraConfig + get_peft_model + the plain
   transformers.Trainer) on the classification setup: max per-step loss difference.
-* ``init``: PiSSA init time, PEFT exact / PEFT randomized (``pissa_niter_2``) vs rankwise exact /
-  randomized, interleaved rounds (ratios only: the machine is shared).
+* ``init``: PiSSA init time, PEFT exact / PEFT randomized (``pissa_niter_2``, ``pissa_niter_4``) vs
+  rankwise exact / randomized (2 power iterations, 10 oversampling columns), interleaved rounds
+  (ratios only: the machine is shared), and how close each randomized init's factors are to the
+  exact top-r SVD (relative Frobenius error of the rank-r part, mean over the adapted layers).
 * ``heal``: compress SmolLM2 then heal (train the factors), fraction of the perplexity gap recovered.
 
 Excluded from classify/lm: welore-lrc and heal (they need a compressed model: part ``heal``) and
@@ -74,7 +76,8 @@ def attach(model, method: str, rank: int, alpha: float, head: str | None, steps:
         from rankwise.surgery import find_targets
 
         targets = [t.name for t in find_targets(model) if not (head and t.name.startswith(head))]
-        init = {"peft-lora": True, "peft-pissa": "pissa", "peft-pissa-rand": "pissa_niter_2"}[method]
+        init = {"peft-lora": True, "peft-pissa": "pissa", "peft-pissa-rand": "pissa_niter_2",
+                "peft-pissa-rand4": "pissa_niter_4"}[method]
         torch.manual_seed(seed)
         model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
                                                            init_lora_weights=init,
@@ -250,24 +253,63 @@ def part_parity(a: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- init time ------------------------------------------------------------------------------------
+def _pissa_parts(model) -> dict[str, torch.Tensor]:
+    """The rank-r principal part each PiSSA init put into its adapter (scale · B A), by target name."""
+    from rankwise.tune.base import AdapterLayer
+
+    out = {}
+    for name, mod in model.named_modules():
+        if hasattr(mod, "lora_A") and hasattr(mod, "lora_B") and hasattr(mod.lora_A, "keys"):  # PEFT LoraLayer
+            for key in mod.lora_A.keys():
+                b_w, a_w = mod.lora_B[key].weight, mod.lora_A[key].weight
+                out[name.removeprefix("base_model.model.")] = (mod.scaling[key] * (b_w @ a_w)).detach().float()
+        elif isinstance(mod, AdapterLayer):  # rankwise
+            out[name] = mod.delta_weight().detach().float()
+    return out
+
+
 def part_init(a: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name in ("minilm-l6", "smollm2-135m"):
+    methods = a.init_methods.split(",")
+    for name in a.init_models.split(","):
         cls = name == "minilm-l6"
         base = load_model(name, task="classify" if cls else "causal-lm", **({"num_labels": 5} if cls else {}))
         head = "classifier" if cls else None
         times: dict[str, list[float]] = {}
+        errors: dict[str, dict[str, torch.Tensor]] = {}
+        exact = None
         for _ in range(a.init_rounds):
-            for method in ("peft-pissa", "pissa", "pissa@rand", "peft-pissa-rand"):
+            for method in methods:
                 t, m = attach(copy.deepcopy(base), method, a.rank, 2.0 * a.rank, head, 1, None)
                 times.setdefault(method, []).append(t)
+                if a.init_error:
+                    errors[method] = _pissa_parts(m)  # compared below, once an exact reference exists
+                    if method == "pissa" or (method == "peft-pissa" and exact is None):
+                        exact = errors[method]
                 del m
                 gc.collect()
+        if a.init_error and exact is None:  # no exact method in the list: the reference from a thin SVD
+            from rankwise.surgery import find_targets
+
+            exact = {}
+            for t in find_targets(base):
+                if head and t.name.startswith(head):
+                    continue
+                u, sv, vh = torch.linalg.svd(t.weight().float(), full_matrices=False)
+                exact[t.name] = (u[:, : a.rank] * sv[: a.rank]) @ vh[: a.rank]
+        err = {k: float(statistics.mean(
+            float(torch.linalg.matrix_norm(v[n] - exact[n]) / torch.linalg.matrix_norm(exact[n]))
+            for n in v if n in exact)) for k, v in errors.items() if v} if a.init_error else {}
         med = {k: statistics.median(v) for k, v in times.items()}
-        out[name] = {"seconds": times, "median_s": med,
-                     "peft_exact_over_rankwise_rand": med["peft-pissa"] / med["pissa@rand"],
-                     "peft_rand_over_rankwise_rand": med["peft-pissa-rand"] / med["pissa@rand"]}
-        print(f"  init {name}: " + ", ".join(f"{k} {v:.2f}s" for k, v in med.items()), file=sys.stderr)
+        res: dict[str, Any] = {"seconds": times, "median_s": med, "rank": a.rank,
+                               "relative_error_vs_exact_top_r": err}
+        for peft_key in ("peft-pissa", "peft-pissa-rand", "peft-pissa-rand4"):
+            if peft_key in med and "pissa@rand" in med:
+                res[f"{peft_key}_over_rankwise_rand"] = med[peft_key] / med["pissa@rand"]
+        out[name] = res
+        print(f"  init {name}: " + ", ".join(f"{k} {v:.2f}s" for k, v in med.items())
+              + ("; rel. error " + ", ".join(f"{k} {v:.1e}" for k, v in err.items()) if err else ""),
+              file=sys.stderr)
         del base
         gc.collect()
     return out
@@ -308,8 +350,8 @@ def goals(out: dict[str, Any], rank: int) -> list[dict[str, Any]]:
                   "measured": f"max |diff| {worst:.1e}", "met": worst <= 1e-5})
     if "classify" in out:
         rows = {r["method"]: r for r in out["classify"]["rows"]}
-        lora, xs = rows["lora"], rows.get("lora-xs")
-        if xs:
+        lora, xs = rows.get("lora"), rows.get("lora-xs")
+        if lora and xs:
             gap = 100 * (lora["accuracy"] - xs["accuracy"])
             ratio = lora["trainable_parameters"] / xs["trainable_parameters"]
             g.append({"goal": "LoRA-XS within 1 point of LoRA with >= 20x fewer trainable parameters (BBC)",
@@ -323,6 +365,12 @@ def goals(out: dict[str, Any], rank: int) -> list[dict[str, Any]]:
                       "measured": f"accuracy {dy['accuracy']:.3f} vs {half['accuracy']:.3f}", "met": gap <= 1.0})
     if "lm" in out:
         rows = {r["method"]: r for r in out["lm"]["rows"]}
+        dy, half = rows.get(f"dylora (eval r={rank // 2})"), rows.get(f"lora r={rank // 2}")
+        if dy and half:
+            gap = dy["perplexity"] - half["perplexity"]
+            g.append({"goal": f"DyLoRA at r/2={rank // 2} within 1 point of a LoRA trained at r/2 (PTB perplexity)",
+                      "measured": f"perplexity {dy['perplexity']:.2f} vs {half['perplexity']:.2f}",
+                      "met": gap <= 1.0})
         if "lora-ga" in rows:
             def smooth(xs: list[float]) -> list[float]:
                 return [statistics.mean(xs[max(0, i - 2): i + 1]) for i in range(len(xs))]
@@ -395,14 +443,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-half-rank-lora", dest="half_rank_lora", action="store_false",
                    help="skip the LoRA-at-r/2 reference row (when methods are split over processes)")
     p.add_argument("--init-rounds", type=int, default=1)
+    p.add_argument("--init-models", default="minilm-l6,smollm2-135m")
+    p.add_argument("--init-methods", default="peft-pissa,pissa,pissa@rand,peft-pissa-rand,peft-pissa-rand4",
+                   help="interleaved in this order each round (pissa@rand: rankwise randomized)")
+    p.add_argument("--no-init-error", dest="init_error", action="store_false",
+                   help="skip the error of each init against the exact top-r SVD")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--progress", action="store_true")
     p.add_argument("--name", default="tune_quality", help="result name under bench/results/")
     p.add_argument("--inputs", default="tune_quality_cls,tune_quality_lm",
                    help="--parts report: result names to merge")
     p.add_argument("--picture", default=str(PICTURE))
+    p.add_argument("--prefer-later", action="store_true",
+                   help="--parts report: a method's rows from a later input replace an earlier input's")
     a = p.parse_args(argv)
-    a.methods = a.methods.split(",")
+    a.methods = [] if a.methods == "none" else a.methods.split(",")  # none: only the LoRA-at-r/2 reference
     a.cls_lrs = [float(x) for x in a.cls_lrs.split(",")]
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
@@ -421,7 +476,17 @@ def main(argv: list[str] | None = None) -> int:
             for k in ("parity", "classify", "lm", "init", "heal"):
                 if k not in data:
                     continue
+                if k == "init" and "init" in out:  # another interleaved run: kept beside, per model
+                    for model, r in data["init"].items():
+                        if model in out["init"]:
+                            out["init"][model].setdefault("more_runs", []).append({"input": name, **r})
+                        else:
+                            out["init"][model] = r
+                    continue
                 if k in out and "rows" in out[k]:  # methods split over processes: concatenate their rows
+                    new = {r["method"] for r in data[k]["rows"]}
+                    if a.prefer_later:  # a later run of a method replaces the earlier one
+                        out[k]["rows"] = [r for r in out[k]["rows"] if r["method"] not in new]
                     seen = {r["method"] for r in out[k]["rows"]}
                     out[k]["rows"] += [r for r in data[k]["rows"] if r["method"] not in seen]
                 else:
@@ -443,12 +508,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n## PTB LM, SmolLM2-135M (dense perplexity {out['lm']['dense_perplexity']:.2f})\n"
               + table(out["lm"]["rows"], "perplexity"))
     if "init" in out:
-        print("\n## PiSSA init time (median of interleaved rounds)\n| model | PEFT exact | PEFT randomized | "
-              "rankwise exact | rankwise randomized | PEFT rand / rankwise rand |\n|---|---:|---:|---:|---:|---:|")
+        print("\n## PiSSA init time (median of interleaved rounds; error: rel. Frobenius vs exact top-r)\n"
+              "| model | init | seconds | / rankwise randomized | rel. error |\n|---|---|---:|---:|---:|")
         for name, r in out["init"].items():
-            md = r["median_s"]
-            print(f"| {name} | {md['peft-pissa']:.2f} | {md['peft-pissa-rand']:.2f} | {md['pissa']:.2f} | "
-                  f"{md['pissa@rand']:.2f} | {r['peft_rand_over_rankwise_rand']:.1f}x |")
+            md, err = r["median_s"], r.get("relative_error_vs_exact_top_r", {})
+            for k, v in md.items():
+                ratio = f"{v / md['pissa@rand']:.2f}x" if "pissa@rand" in md else "n/a"
+                e = f"{err[k]:.1e}" if k in err else "n/a"
+                print(f"| {name} | {k} | {v:.2f} | {ratio} | {e} |")
     print("\n## Goals\n| goal | measured | met |\n|---|---|---|")
     for g in out["goals"]:
         print(f"| {g['goal']} | {g['measured']} | {'yes' if g['met'] else 'no'} |")
