@@ -93,6 +93,41 @@ def test_resume_errors(tmp_path):
         train(model, _rows(), TrainConfig(steps=1, resume=str(tmp_path / "none")), lr=1e-3, progress=False)
 
 
+def test_schedule_and_given_optimizer(tmp_path):
+    """lr_schedule picks the Trainer's schedule; a given optimizer/scheduler pair is the one the Trainer steps."""
+    with pytest.raises(RankwiseError, match="--lr-schedule must be one of linear, constant, cosine"):
+        TrainConfig(lr_schedule="jagged")
+    model = apply(tiny_llama(), AdapterConfig(method="lora", rank=2), progress=False)
+    with pytest.raises(RankwiseError, match="a scheduler needs its optimizer"):
+        train(model, _rows(), TrainConfig(steps=1), lr=1e-3, scheduler=object(), progress=False)
+    from transformers import TrainerCallback
+
+    class LRs(TrainerCallback):
+        def __init__(self):
+            self.lrs = []
+
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            self.lrs.append(optimizer.param_groups[0]["lr"])
+
+    seen = {}
+    for schedule in ("constant", "linear"):
+        cb = LRs()
+        train(apply(tiny_llama(), AdapterConfig(method="lora", rank=2), progress=False), _rows(),
+              TrainConfig(steps=4, batch_size=2, lr_schedule=schedule), lr=1e-3, callbacks=[cb], progress=False)
+        seen[schedule] = cb.lrs
+    assert seen["constant"] == [1e-3] * 4
+    assert seen["linear"] == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0])
+    model = apply(tiny_llama(), AdapterConfig(method="lora", rank=2), progress=False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.1 * (step + 1))
+    cb = LRs()
+    res = train(model, _rows(), TrainConfig(steps=3, batch_size=2), lr=1e-3, optimizer=opt, scheduler=sched,
+                callbacks=[cb], progress=False)
+    assert cb.lrs == pytest.approx([0.1, 0.15, 0.2])  # 0.5 x (0.2, 0.3, 0.4): ours, not AdamW's linear decay
+    assert res.state is not None and res.peak_state_bytes == 0  # SGD without momentum keeps no state
+    assert len(res.step_seconds) == 3 and all(t > 0 for t in res.step_seconds)
+
+
 def test_bare_hf_trainer_smoke(tmp_path):
     """The adapted model is still a plain HF model: transformers.Trainer trains it directly."""
     from transformers import Trainer, TrainingArguments
