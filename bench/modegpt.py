@@ -36,8 +36,8 @@ from rankwise.evaluation.perplexity import perplexity  # noqa: E402
 from rankwise.io.models import load_model, load_tokenizer  # noqa: E402
 from rankwise.io.texts import load_text  # noqa: E402
 
-TEXTS = {"ptb_valid": ("ptb", "valid"), "bbc_valid": ("bbc", "valid"), "ptb_test": ("ptb", "test"),
-         "bbc_test": ("bbc", "test")}
+TEXTS = {"ptb_test": ("ptb", "test"), "bbc_test": ("bbc", "test"), "ptb_valid": ("ptb", "valid"),
+         "bbc_valid": ("bbc", "valid")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="explicit rows instead of the automatic plan: comma list of RATIO[s][d][v] (s: sequential, "
                     "d: the default pipeline instead of modegpt, v: validation texts only), e.g. 0.2,0.4,0.2sv")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense row (merge with a part that has it)")
+    ap.add_argument("--in-place", action="store_true",
+                    help="compress the loaded model itself (one row only; saves a model copy of RAM)")
     ap.add_argument("--speed", action="store_true",
                     help="instead: prefill/decode tokens/s of dense and modegpt at --ratios, measured alternately "
                     "(rankwise.evaluation.speed.measure_speed; calibration 8 windows, only the shapes matter)")
@@ -95,10 +97,19 @@ def main(argv: list[str] | None = None) -> int:
 
     def row(tag: str, ratio: float, valid_only: bool = False, **fields) -> dict:
         config = CompressConfig(ratio=ratio, **fields)
-        model = copy.deepcopy(base)
+        model = base if args.in_place else copy.deepcopy(base)
         res = compress(model, config, tokenizer=tok)
         t0 = time.perf_counter()
-        ppl = evaluate(model, valid_only)
+        ppl = {}
+        for k, text in texts.items():  # a partial row after every text (a long run may be cut short)
+            if valid_only and k.endswith("_test"):
+                continue
+            ppl[k] = perplexity(model, tok, text, seq_len=args.seq_len, max_tokens=args.tokens, name=k).perplexity
+            write_result(args.name, {"model": args.model, "partial": {"tag": tag, "ratio": ratio, "sequential":
+                                     res.sequential, "achieved_ratio": res.achieved_ratio, "compress_s": res.seconds,
+                                     "timings": res.timings, **{f"ppl_{q}": v for q, v in ppl.items()}},
+                                     "dense": dense, "rows": rows, "run": info})
+            print(f"  {k}: {ppl[k]:.2f}", file=sys.stderr, flush=True)
         r = {"tag": tag, "ratio": ratio, "method": config.method, "alloc": config.alloc,
              "sequential": res.sequential, "calib": config.calib, "achieved_ratio": res.achieved_ratio,
              **{f"ppl_{k}": v for k, v in ppl.items()},
