@@ -201,6 +201,43 @@ def default_copy(dense: torch.nn.Module, ratio: float, inputs: dict, guard: str 
     return model.eval(), info
 
 
+def dropped_loss(inputs: dict, ranks: list[int | None]) -> float:
+    """The default allocator's objective for a rank map: Σ_j w_j Σ_{i ≥ k_j} σ_ij² (dense matrices drop nothing).
+
+    w_j is the loss sensitivity (1 without), σ² the whitened spectrum: the loss-weighted output
+    error the allocation predicts (its own ``alloc_norm``, here the default ``none``).
+    """
+    sens = inputs["options"].get("sensitivity") or [1.0] * len(ranks)
+    total = 0.0
+    for e, w, k in zip(inputs["energies"], sens, ranks):
+        if k is not None:
+            total += float(w) * float(e.double().clamp_min(0)[k:].sum())
+    return total
+
+
+def proxy_only(args, dense, tok, ratios: list[float], pipeline: dict) -> int:
+    """Without timing: the guard's effect on the default allocation (dense matrices, predicted loss)."""
+    from rankwise.compression.allocation.speed import guarded_allocate
+
+    inputs = default_allocation_inputs(dense, tok, pipeline)
+    rows = []
+    for r in ratios:
+        row: dict = {"ratio": r}
+        for guard in ("auto", "off"):
+            opts = {**inputs["options"], "guard": guard}
+            a = guarded_allocate(inputs["name"], inputs["shapes"], r, inputs["energies"], **opts)
+            row[guard] = {"achieved_ratio": a.achieved_ratio, "dense_kept": sum(k is None for k in a.ranks),
+                          "slower_than_dense": a.info["slower_than_dense"],
+                          "dropped_loss": dropped_loss(inputs, a.ranks)}
+        row["dropped_loss_guard_over_off"] = row["auto"]["dropped_loss"] / row["off"]["dropped_loss"]
+        rows.append(row)
+        console.print(f"ρ={r}: guard {row['auto']} | off {row['off']} | loss ×{row['dropped_loss_guard_over_off']:.3f}")
+    path = write_result(args.out, {"what": dropped_loss.__doc__.splitlines()[0], "config": inputs["config"],
+                                   "passes_seconds": inputs["seconds"], "rows": rows})
+    console.print(f"wrote {path}")
+    return 0
+
+
 def layer_report(model: torch.nn.Module) -> list[dict]:
     rows = []
     for name, mod in model.named_modules():
@@ -223,6 +260,8 @@ def main() -> int:
     ap.add_argument("--guard-off", action="store_true",
                     help="also compress each ratio with speed_guard=off and report its slow layers")
     ap.add_argument("--time-guard-off", action="store_true", help="and time those models too")
+    ap.add_argument("--proxy-only", action="store_true",
+                    help="no timing: the guard's effect on the default allocation (dense matrices, predicted loss)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--prompt-tokens", type=int, default=512)
@@ -254,6 +293,8 @@ def main() -> int:
 
     dense = load_model("smollm2-135m")
     tok = load_tokenizer("smollm2-135m")
+    if args.proxy_only:
+        return proxy_only(args, dense, tok, ratios, parse_kv(args.pipeline))
     models = {"dense": dense}
     info: dict = {}
     pipeline = parse_kv(args.pipeline)
