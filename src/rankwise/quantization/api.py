@@ -55,14 +55,14 @@ class QuantizeConfig:
     eora_rank: int | None = field(default=None, metadata={
         "help": "add a rank-R EoRA correction of each quantised matrix, from the calibration activations",
         "metavar": "R"})
-    calib: str = field(default="ptb", metadata={
-        "help": "calibration text (train split): ptb, bbc, ptb+bbc or FILE.txt (gptq and EoRA)"})
+    calib: str = field(default="ptb+bbc", metadata={
+        "help": "calibration text (train split): ptb, bbc, ptb+bbc (half each) or FILE.txt (gptq and EoRA)"})
     calib_samples: int = field(default=16, metadata={
         "help": "calibration windows (16 × 256 tokens: the setting benchmarked)"})
     seq_len: int = field(default=256, metadata={"help": "tokens per calibration window"})
     seed: int = field(default=0, metadata={"help": "calibration sampling seed"})
     damp: float = field(default=0.01, metadata={"help": "gptq: damping added to H's diagonal, × its mean"})
-    act_order: bool = field(default=False, metadata={
+    act_order: bool = field(default=True, metadata={
         "help": "gptq: quantise columns in descending order of their input energy diag(XᵀX) (static groups)"})
     sequential: bool = field(default=True, metadata={
         "help": "gptq/EoRA: block ℓ is calibrated on the outputs of the quantised blocks < ℓ"})
