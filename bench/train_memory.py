@@ -305,12 +305,12 @@ def check_goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     adamw, peer = by.get("adamw"), by.get("galore-torch")
     rw = [n for n in ("rw-svd", "rw-randomized", "rw-dct", "rw-fira") if n in by]
     goals: dict[str, Any] = {}
-    if adamw:
+    if adamw and rw:
         whole = {n: by[n]["state_bytes"] / adamw["state_bytes"] for n in rw}
         proj = {n: by[n]["state_bytes_projected"] / by[n]["adamw_projected_bytes"] for n in rw}
         goals["state_whole_le_50pct_of_adamw"] = {"ratios": whole, "met": all(v <= 0.5 for v in whole.values())}
         goals["state_projected_le_32pct_of_adamw"] = {"ratios": proj, "met": all(v <= 0.32 for v in proj.values())}
-    if peer:
+    if peer and rw:
         rel = {n: by[n]["final_loss"] / peer["final_loss"] - 1 for n in rw}
         goals["final_loss_within_5pct_of_galore_torch"] = {"relative": rel,
                                                            "met": all(abs(v) <= 0.05 for v in rel.values())}
