@@ -103,3 +103,9 @@ def test_cli_eval_measures_a_quantized_folder(quantized_dir, tmp_path, capsys):
     ppl = [m["perplexity"][calib]["perplexity"] if isinstance(m["perplexity"], dict) and calib in m["perplexity"]
            else next(iter(m["perplexity"].values()))["perplexity"] for m in models]
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-4)  # the packed folder and its dense export agree
+
+
+def test_cli_threads_must_be_positive(tiny_dir, tmp_path, capsys):
+    rc = main(["quantize", str(tiny_dir), "--threads", "0", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "--threads must be at least 1, got 0." in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -13,7 +13,7 @@ import argparse
 import time
 
 from rankwise.cli.common import add_json_argument, add_model_argument, add_output_arguments, console, write_json
-from rankwise.config import add_config_arguments, config_from_args
+from rankwise.config import add_config_arguments, config_from_args, positive_int
 from rankwise.errors import RankwiseError
 from rankwise.quantization.api import QuantizeConfig
 
@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, QuantizeConfig)
     add_output_arguments(parser, "a rankwise checkpoint with packed weights", dense="dequantised weights")
     add_json_argument(parser)
+    parser.add_argument("--threads", type=positive_int("--threads"), default=None,
+                        help="CPU threads for torch (default: torch's choice; 1 is faster on a busy shared machine)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
     from rankwise.quantization.io import export_dense, is_quantized_folder, save_quantized
 
     config = config_from_args(QuantizeConfig, args)  # validates every option first
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     out = Path(args.out).expanduser()
     if args.export_dense and Path(args.export_dense).expanduser().resolve() == out.resolve():
         raise RankwiseError("--export-dense must differ from --out.")
