@@ -87,6 +87,7 @@ def write(name: str, args, dense: dict, rows: list[dict], defaults: dict, note: 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--specs", default=",".join(SPECS), help="comma list of calibration specs")
+    ap.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="comma list (the score needs 0.2 and 0.4)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for spec in args.specs.split(","):
         cache: dict = {}  # the dense statistics of this calibration, shared by its two ratios
-        for ratio in RATIOS:
+        for ratio in (float(r) for r in args.ratios.split(",")):
             model = copy.deepcopy(base)
             res = compress(model, CompressConfig(ratio=ratio, calib=spec, progress=False), tokenizer=tok,
                            stats_cache=cache)
