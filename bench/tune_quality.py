@@ -472,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in a.inputs.split(","):
             data = json.loads((RESULTS / f"{name}.json").read_text())
             runs = out.setdefault("runs", {})
+            runs.update(data.get("runs") or {})  # a merged input keeps the runs it was merged from
             runs[name] = data.get("run")
             for k in ("parity", "classify", "lm", "init", "heal"):
                 if k not in data:
