@@ -196,7 +196,7 @@ def test_regime_checkpoint_reloads_and_exports_to_a_plain_folder(regime, tmp_pat
     from transformers import LlamaForCausalLM
 
     import rankwise
-    from rankwise.train.regimes.base import build_regime, export_dense
+    from rankwise.train.regimes.base import build_regime
 
     model = _llama()
     build_regime(regime, rank=4, sparse_density=0.05).prepare(model)
@@ -212,7 +212,7 @@ def test_regime_checkpoint_reloads_and_exports_to_a_plain_folder(regime, tmp_pat
         "model.layers.1.mlp.up_proj"))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=X).logits, ref, atol=0, rtol=0)
-    export_dense(loaded, tmp_path / "dense")
+    rankwise.export_dense(loaded, tmp_path / "dense")  # the one conversion knows every registered layer type
     cfg = json.loads((tmp_path / "dense" / "config.json").read_text())
     assert "quantization_config" not in cfg
     plain = LlamaForCausalLM.from_pretrained(str(tmp_path / "dense"))

@@ -13,7 +13,6 @@ records the quantisation settings. ``rankwise.load`` and, after ``import rankwis
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
@@ -21,8 +20,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from rankwise.quantization.layer import QuantLinear, QuantLowRank
 
 META_FILE = "rankwise.json"
 
@@ -59,21 +56,9 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | None = None) ->
 
 def to_dense(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Replace every quantised (and low-rank) layer by the dense layer it computes; a plain model results."""
-    from rankwise.io.checkpoint import to_dense as lowrank_to_dense
-    from rankwise.surgery.modules import set_module
+    from rankwise.io.checkpoint import to_dense as checkpoint_to_dense
 
-    if not inplace:
-        model = copy.deepcopy(model)
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, (QuantLinear, QuantLowRank)) and not any(
-                isinstance(model.get_submodule(p), QuantLowRank) for p in _parents(name)):
-            set_module(model, name, mod.to_dense())
-    return lowrank_to_dense(model, inplace=True)
-
-
-def _parents(name: str) -> list[str]:
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts))]
+    return checkpoint_to_dense(model, inplace=inplace)
 
 
 def export_dense(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False) -> Path:

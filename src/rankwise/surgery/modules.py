@@ -20,13 +20,20 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 
 def to_dense(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Replace every LowRankLinear by the dense B A (Linear or Conv1D, as it was) and every SelectLinear by its W'."""
-    from rankwise.surgery.lowrank import LowRankLinear
-    from rankwise.surgery.select import SelectLinear
+    """Replace every layer of a registered layer type (outermost first) by the plain layer it computes.
+
+    One conversion for every kind rankwise writes (low-rank, MoDeGPT selections, quantised, training
+    regimes): each layer type gives its own ``to_dense()``; a quantised low-rank layer converts as a whole.
+    """
+    from rankwise.surgery.layers import is_factorised
 
     if not inplace:
         model = copy.deepcopy(model)
+    done: list[str] = []
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, (LowRankLinear, SelectLinear)):
+        if any(name.startswith(p + ".") for p in done):
+            continue
+        if is_factorised(mod) and callable(getattr(mod, "to_dense", None)):
             set_module(model, name, mod.to_dense())
+            done.append(name)
     return model

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -105,15 +104,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def to_dense(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Every regime layer (and LowRankLinear) replaced by the plain layer computing the same map; unmarked."""
-    from rankwise.io.checkpoint import to_dense as lowrank_to_dense
-    from rankwise.train.regimes.layers import ReLoRALinear, SparseLowRankLinear
+    from rankwise.io.checkpoint import to_dense as checkpoint_to_dense
 
-    if not inplace:
-        model = copy.deepcopy(model)
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, (SparseLowRankLinear, ReLoRALinear)):
-            set_module(model, name, mod.to_dense())
-    return lowrank_to_dense(model, inplace=True)
+    return checkpoint_to_dense(model, inplace=inplace)
 
 
 def export_dense(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False) -> Path:
