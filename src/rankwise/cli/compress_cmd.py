@@ -2,7 +2,7 @@
 
 With only ``--out`` it runs the best pipeline we measured (the defaults of
 :class:`rankwise.compression.api.CompressConfig`, from which every option and
-default here is built) on the built-in SmolLM2-135M with PTB-train calibration.
+default here is built) on the built-in SmolLM2-135M with PTB+BBC-train calibration.
 MODEL is always a folder (built-in names resolve to one), so the command streams:
 one decoder block in memory at a time (:mod:`rankwise.compression.streaming`),
 output as sharded safetensors (``--max-shard-size``) in ``--dtype``. The output

@@ -86,7 +86,8 @@ class CompressConfig:
     refine_lr: float = _f(3e-5, "block refinement: Adam learning rate (3e-5: measured on PTB/BBC valid)")
     refine_holdout: float = _f(0.25, "block refinement: fraction of the calibration batches held out for early "
                                "stopping (the best state by held-out loss is kept), in (0, 1)")
-    calib: str = _f("ptb", "calibration text, train split: ptb, bbc, a mixture like ptb+bbc, or FILE.txt")
+    calib: str = _f("ptb+bbc", "calibration text, train split: ptb, bbc, a mixture like ptb+bbc or ptb:3+bbc:1, "
+                    "or FILE.txt (the default was chosen on PTB valid + BBC valid, bench/calib_choice.py)")
     calib_samples: int = _f(32, "calibration windows")
     seq_len: int = _f(256, "tokens per calibration window")
     seed: int = _f(0, "calibration sampling seed")
