@@ -61,3 +61,23 @@ def write_result(name: str, data: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(out, indent=2) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def parse_kv(spec: str) -> dict[str, Any]:
+    """``"a=1,b=x,c=True,d=None"`` → ``{"a": 1, "b": "x", "c": True, "d": None}`` (bench rows on a command line)."""
+    out: dict[str, Any] = {}
+    for item in spec.split(","):
+        if not item.strip():
+            continue
+        k, _, v = item.partition("=")
+        k, v = k.strip(), v.strip()
+        if v in ("True", "False", "true", "false"):
+            out[k] = v.lower() == "true"
+        elif v in ("None", "none", ""):
+            out[k] = None
+        else:
+            try:
+                out[k] = int(v) if v.lstrip("-").isdigit() else float(v)
+            except ValueError:
+                out[k] = v
+    return out

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run_info, write_result  # noqa: E402
+from _common import parse_kv, run_info, write_result  # noqa: E402
 from rankwise.compression.api import CompressConfig, compress  # noqa: E402
 from rankwise.evaluation.perplexity import perplexity  # noqa: E402
 from rankwise.io.models import load_model, load_tokenizer  # noqa: E402
@@ -87,25 +87,6 @@ LABELS = {"svd-llm": "SVD-LLM setting (whiten + uniform)", "today": "today's def
 FULL_RATIO_ROWS = ("svd-llm", "new")
 UNCACHED = ("today", "new")  # at TIME_RATIO these two always run their own calibration pass (their times compare)
 TIME_RATIO = 0.2
-
-
-def parse_kv(spec: str) -> dict:
-    out: dict = {}
-    for item in spec.split(","):
-        if not item.strip():
-            continue
-        k, _, v = item.partition("=")
-        k, v = k.strip(), v.strip()
-        if v in ("True", "False", "true", "false"):
-            out[k] = v.lower() == "true"
-        elif v in ("None", "none", ""):
-            out[k] = None
-        else:
-            try:
-                out[k] = int(v) if v.lstrip("-").isdigit() else float(v)
-            except ValueError:
-                out[k] = v
-    return out
 
 
 def known(row: dict) -> list[str]:

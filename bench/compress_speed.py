@@ -51,7 +51,7 @@ from rankwise.evaluation.speed import (
 from rankwise.surgery import LowRankLinear, set_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run_info, write_result  # noqa: E402
+from _common import parse_kv, run_info, write_result  # noqa: E402
 
 console = Console(stderr=True)
 
@@ -85,20 +85,6 @@ def layer_bench(token_counts: list[int], fracs: list[float], rounds: int, clock:
 
 
 _SVD_CACHE: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-
-def parse_kv(spec: str) -> dict:
-    out: dict = {}
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        k, _, v = item.partition("=")
-        if v in ("True", "False"):
-            out[k] = v == "True"
-        else:
-            try:
-                out[k] = int(v) if v.lstrip("-").isdigit() else float(v)
-            except ValueError:
-                out[k] = v
-    return out
 
 
 def compress_copy(dense: torch.nn.Module, ratio: float, alloc: str) -> tuple[torch.nn.Module, dict]:

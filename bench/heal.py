@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 
-from _common import write_result  # noqa: E402
+from _common import parse_kv, write_result  # noqa: E402
 from rankwise.compression.api import CompressConfig, compress
 from rankwise.compression.heal import heal
 from rankwise.evaluation.perplexity import perplexity
@@ -34,20 +34,6 @@ from rankwise.io.models import load_model, load_tokenizer
 from rankwise.io.texts import load_text
 
 TEXTS = ("ptb", "bbc")
-
-
-def parse_set(items: list[str]) -> dict:
-    out: dict = {}
-    for item in items:
-        k, _, v = item.partition("=")
-        if v in ("True", "False"):
-            out[k] = v == "True"
-        else:
-            try:
-                out[k] = int(v) if v.lstrip("-").isdigit() else float(v)
-            except ValueError:
-                out[k] = v
-    return out
 
 
 def table(dense: dict, rows: list[dict]) -> None:
@@ -95,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     dense = json.loads(Path(args.dense_from).read_text())["dense"] if args.dense_from else evaluate(base)
     print(f"dense test: {dense}", file=sys.stderr, flush=True)
     rows: list[dict] = []
-    extra = parse_set(args.set)
+    extra = parse_kv(",".join(args.set))
     for ratio in (float(r) for r in args.ratios.split(",")):
         config = CompressConfig(**{**extra, "ratio": ratio, "heal_steps": args.steps, "progress": False})
         model = copy.deepcopy(base)

@@ -13,25 +13,15 @@ from torch import nn
 from rankwise.compression.api import CompressConfig, compress
 from rankwise.compression.refine import factor_parameters, split_batches
 from rankwise.errors import RankwiseError
-from rankwise.surgery import find_targets
 
 NO_GUARD = {"speed_guard": "off"} if "speed_guard" in CompressConfig.__dataclass_fields__ else {}
 BATCH = 2
 
 
 def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_models import planted_tiny_llama
 
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                      num_hidden_layers=3, vocab_size=128, max_position_embeddings=64)
-    model = LlamaForCausalLM(cfg).eval()
-    for t in find_targets(model):  # planted low rank + noise
-        m, n = t.shape
-        W = torch.randn(m, 6, generator=g) @ torch.randn(6, n, generator=g) / 6**0.5
-        t.set_weight(0.3 * W + 0.05 * torch.randn(m, n, generator=g))
-    return model
+    return planted_tiny_llama()
 
 
 def _windows() -> torch.Tensor:

@@ -41,3 +41,22 @@ def write_tiny_llama(folder, seed: int = 0):
     LlamaForCausalLM(tiny_llama_config()).save_pretrained(str(folder))
     ptb_word_tokenizer().save_pretrained(str(folder))
     return folder
+
+
+def planted_tiny_llama():
+    """A 3-layer GQA Llama whose targeted matrices are planted rank-6 + noise (a spectrum with a real shape)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rankwise.surgery import find_targets
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=3, vocab_size=128, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    for t in find_targets(model):
+        m, n = t.shape
+        W = torch.randn(m, 6, generator=g) @ torch.randn(6, n, generator=g) / 6**0.5
+        t.set_weight(0.3 * W + 0.05 * torch.randn(m, n, generator=g))
+    return model
