@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from rankwise.compression.calibration.stats import LayerStats
 from rankwise.compression.distributed import Dist
 from rankwise.errors import RankwiseError
-from tiny_models import write_tiny_llama
+from tiny_models import planted_tiny_llama, write_tiny_llama
 
 
 def _free_port() -> int:
@@ -96,20 +96,7 @@ SCENARIOS = {  # name -> CompressConfig overrides
 
 
 def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                      num_hidden_layers=3, vocab_size=128, max_position_embeddings=64)
-    model = LlamaForCausalLM(cfg).eval()
-    from rankwise.surgery import find_targets
-
-    for t in find_targets(model):  # planted low rank + noise: a spectrum with a real shape
-        m, n = t.shape
-        W = torch.randn(m, 6, generator=g) @ torch.randn(6, n, generator=g) / 6**0.5
-        t.set_weight(0.3 * W + 0.05 * torch.randn(m, n, generator=g))
-    return model
+    return planted_tiny_llama()
 
 
 def _windows() -> torch.Tensor:

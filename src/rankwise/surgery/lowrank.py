@@ -28,7 +28,30 @@ def _positive_int(spec: dict[str, Any], key: str, where: str) -> int:
     return v
 
 
-class LowRankLinear(nn.Module):
+class FactorSizes:
+    """Sizes of a layer holding ``A = nn.Linear(in, k)`` and ``B = nn.Linear(k, out)`` children.
+
+    Read from the children, so they stay right if another library (PEFT) swaps them; shared by every
+    layer type built on an A/B pair (LowRankLinear, the SLTrain/LOST sparse-plus-low-rank layer).
+    """
+
+    A: nn.Linear
+    B: nn.Linear
+
+    @property
+    def in_features(self) -> int:
+        return int(self.A.in_features)
+
+    @property
+    def out_features(self) -> int:
+        return int(self.B.out_features)
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.out_features)
+
+
+class LowRankLinear(FactorSizes, nn.Module):
     """A rank-k linear map W ≈ B A with B (out×k) and A (k×in), plus an optional bias.
 
     ``A = nn.Linear(in, k, bias=False)`` and ``B = nn.Linear(k, out, bias=bias)``;
@@ -62,19 +85,6 @@ class LowRankLinear(nn.Module):
                 self.B.weight.zero_()
                 if self.B.bias is not None:
                     self.B.bias.zero_()
-
-    # sizes are read from the children, so they stay right if another library swaps them
-    @property
-    def in_features(self) -> int:
-        return int(self.A.in_features)
-
-    @property
-    def out_features(self) -> int:
-        return int(self.B.out_features)
-
-    @property
-    def rank(self) -> int:
-        return int(self.A.out_features)
 
     @property
     def bias(self) -> torch.Tensor | None:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankwise.errors import RankwiseError
+from rankwise.surgery.lowrank import FactorSizes
 from rankwise.surgery.targets import Conv1D
 
 PATTERNS = ("random", "channel")
@@ -111,7 +112,7 @@ class _FixedSupportLinear(torch.autograd.Function):
         return gx, gv, None, None, None
 
 
-class SparseLowRankLinear(nn.Module):
+class SparseLowRankLinear(FactorSizes, nn.Module):
     """y = scale·B(A x) + S x + b: a low-rank product plus a sparse matrix on a fixed support.
 
     ``A = nn.Linear(in, rank, bias=False)``, ``B = nn.Linear(rank, out, bias=bias)`` (the bias lives in
@@ -142,18 +143,6 @@ class SparseLowRankLinear(nn.Module):
         self.register_buffer("sparse_index", torch.zeros(nnz, dtype=idx_dtype, device=device))
         shape = (nnz,) if pattern == "random" else (out_features, nnz)
         self.sparse_value = nn.Parameter(torch.zeros(shape, **kw))
-
-    @property
-    def in_features(self) -> int:
-        return int(self.A.in_features)
-
-    @property
-    def out_features(self) -> int:
-        return int(self.B.out_features)
-
-    @property
-    def rank(self) -> int:
-        return int(self.A.out_features)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
         # rankwise/2 checkpoints hold an empty placeholder under the dense name ``<name>.weight`` (so plain
