@@ -60,3 +60,22 @@ def planted_tiny_llama():
         W = torch.randn(m, 6, generator=g) @ torch.randn(6, n, generator=g) / 6**0.5
         t.set_weight(0.3 * W + 0.05 * torch.randn(m, n, generator=g))
     return model
+
+
+def assert_factors_equal_in_memory(folder, out, config, calib) -> None:
+    """The factors a streamed compress wrote to ``out`` equal ``rankwise.compress`` of the model in ``folder``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rankwise.compression.api import compress
+    from rankwise.io.shards import CheckpointReader
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    compress(model, config, calib=calib)
+    reader = CheckpointReader(out)
+    state = model.state_dict()
+    keys = [k for k in reader.keys() if k.endswith((".A.weight", ".B.weight"))]
+    assert keys
+    for k in keys:
+        torch.testing.assert_close(reader.get(k), state[k], rtol=1e-4, atol=1e-5)
+    reader.close()
