@@ -43,6 +43,7 @@ import argparse
 import ctypes
 import gc
 import json
+import math
 import os
 import platform
 import sys
@@ -73,6 +74,17 @@ def regime_of(name: str) -> tuple[str | None, float | None]:
     return (base, float(lr) if lr else None) if base in REGIMES else (None, None)
 
 
+def split_lr(name: str) -> tuple[str, float | None]:
+    """(base row, learning rate override) of any row name: ``adamw@3e-3`` -> ("adamw", 0.003)."""
+    base, _, lr = name.partition("@")
+    return base, (float(lr) if lr else None)
+
+
+def row_lr(name: str, args: argparse.Namespace) -> float:
+    """The learning rate a row trains at (its ``@LR`` or ``--lr``)."""
+    return split_lr(name)[1] or args.lr
+
+
 def run_config(args: argparse.Namespace, regime: str = "dense", lr: float | None = None) -> TrainRunConfig:
     """The ``rankwise train`` configuration of one row (the loop takes data, steps and batches from it)."""
     return TrainRunConfig(steps=args.steps, optimizer="adamw", regime=regime, from_scratch=True, data="ptb",
@@ -86,8 +98,8 @@ def train_row(model: torch.nn.Module, tok: Any, opt: Any, args: argparse.Namespa
     """One row through the one training loop (``rankwise train``'s: the HF Trainer), constant LR unless given."""
     from rankwise.cli.train_cmd import fit
 
-    return fit(model, tok, config or run_config(args), opt, scheduler=scheduler, callbacks=callbacks,
-               progress=not args.quiet)
+    return fit(model, tok, config or run_config(args, lr=row_lr(desc, args)), opt, scheduler=scheduler,
+               callbacks=callbacks, progress=not args.quiet)
 
 
 def release_memory() -> None:
@@ -107,14 +119,16 @@ def build_model(config: Any, seed: int) -> torch.nn.Module:
 
 
 def build_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    lr = row_lr(name, args)
+    name = split_lr(name)[0]
     if name.startswith("adamw"):
-        return torch.optim.AdamW(model.parameters(), lr=args.lr, eps=1e-6, weight_decay=0.0)
+        return torch.optim.AdamW(model.parameters(), lr=lr, eps=1e-6, weight_decay=0.0)
     groups = galore_param_groups(model, rank=args.rank, update_proj_gap=args.update_gap, scale=args.scale)
     if name == "galore-torch":
-        return galore_torch_adamw()(groups, lr=args.lr, eps=1e-6, weight_decay=0.0, no_deprecation_warning=True)
+        return galore_torch_adamw()(groups, lr=lr, eps=1e-6, weight_decay=0.0, no_deprecation_warning=True)
     projection = {"rw-svd": "svd", "rw-randomized": "randomized", "rw-dct": "dct", "rw-fira": "svd",
                   "rw-svd-galore-eps": "svd"}[name]
-    return GaLoreAdamW(groups, lr=args.lr, eps=1e-6, weight_decay=0.0, projection=projection,
+    return GaLoreAdamW(groups, lr=lr, eps=1e-6, weight_decay=0.0, projection=projection,
                        fira=name == "rw-fira", seed=args.seed,
                        eps_style="galore" if name.endswith("galore-eps") else "torch")
 
@@ -184,6 +198,10 @@ def run_one(name: str, config: Any, tok: Any, test_text: str, args: argparse.Nam
     n_refresh_steps = len(range(0, args.steps, args.update_gap))
     mem = optimizer_state_bytes(opt)
     ppl = perplexity(model, tok, test_text, seq_len=args.eval_seq_len, max_tokens=args.eval_tokens, name="ptb:test")
+    valid = None  # held-out loss on PTB *valid* (learning rates are chosen here, never on test)
+    if args.valid_tokens:
+        valid = perplexity(model, tok, load_text("ptb", "valid"), seq_len=args.eval_seq_len,
+                           max_tokens=args.valid_tokens, name="ptb:valid")
     n_params_end = sum(p.numel() for p in model.parameters())
     out = {
         "name": name,
@@ -202,6 +220,9 @@ def run_one(name: str, config: Any, tok: Any, test_text: str, args: argparse.Nam
         "final_loss": result["final_loss"],
         "losses": result["losses"],
         "perplexity": ppl.perplexity,
+        "valid_perplexity": None if valid is None else valid.perplexity,
+        "valid_loss": None if valid is None else math.log(valid.perplexity),
+        "lr": row_lr(name, args),
         "params_start": n_params,
         "params_end": n_params_end,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -231,7 +252,7 @@ def print_tables(rows: list[dict[str, Any]]) -> str:
         if r["name"] in CALLBACKS or regime_of(r["name"])[0]:
             continue
         pct = pct_p = "-"
-        proj_bytes = r["adamw_projected_bytes"] if r["name"] == "adamw" else r["state_bytes_projected"]
+        proj_bytes = r["adamw_projected_bytes"] if split_lr(r["name"])[0] == "adamw" else r["state_bytes_projected"]
         if base:
             pct = f"{100 * r['state_bytes'] / base['state_bytes']:.1f}"
             pct_p = f"{100 * proj_bytes / base['adamw_projected_bytes']:.1f}"
@@ -265,9 +286,72 @@ def print_tables(rows: list[dict[str, Any]]) -> str:
                 f"({100 * full.get('model_ratio', 1):.1f}) | "
                 f"{r['trainable_params']:,} | {mib(r['state_bytes'])} | {mib(r['peak_rss_bytes'])} | "
                 f"{r['tokens_per_second']:.0f} | {r['final_loss']:.3f} | {ratio} | {r['perplexity']:.1f} |")
+    tuned = tuned_comparison(rows)
+    if tuned:
+        lines += ["", "| row | lr | final loss (last 5) | / tuned AdamW | valid loss | / tuned AdamW "
+                  "| mean loss per window (" + ", ".join(tuned["windows"]) + ") |", "|---|---|---|---|---|---|---|"]
+        for r in tuned["rows"]:
+            vl = "-" if r["valid_loss"] is None else f"{r['valid_loss']:.3f}"
+            vr = "-" if r["valid_vs_tuned_adamw"] is None else f"{r['valid_vs_tuned_adamw']:.3f}"
+            lines.append(f"| {r['name']} | {r['lr']:g} | {r['final_loss']:.3f} | {r['final_vs_tuned_adamw']:.3f} "
+                         f"| {vl} | {vr} | {' / '.join(f'{x:.3f}' for x in r['window_means'])} |")
     text = "\n".join(lines)
     print(text)
     return text
+
+
+def _windows(n_steps: int, width: int = 10, count: int = 3) -> list[tuple[int, int]]:
+    """The last ``count`` windows of ``width`` steps ([start, end) step indices) of an ``n_steps`` run."""
+    width = max(1, min(width, n_steps // count))
+    return [(n_steps - width * (count - i), n_steps - width * (count - 1 - i)) for i in range(count)]
+
+
+def tuned_comparison(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """GaLore against a *tuned* AdamW: the best learning rate of every optimizer family, chosen on PTB valid.
+
+    Families are the row names without ``@LR`` (``adamw``, ``rw-svd``, ...). The best row of a family has
+    the lowest PTB-valid loss (the train loss where no valid loss was measured). Every row of one run sees
+    the same batches, so differences are paired: the per-step difference to the tuned AdamW over the last
+    20 steps gives a mean and a standard error, and the ranking of the rows is reported on the last three
+    10-step windows (an order that flips between windows does not mean anything).
+    """
+    fam: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        base = split_lr(r["name"])[0]
+        if base in OPTIMIZERS:
+            fam.setdefault(base, []).append(r)
+    if "adamw" not in fam or len(fam) < 2:
+        return None
+
+    def key(r: dict[str, Any]) -> float:
+        return r["valid_loss"] if r.get("valid_loss") is not None else r["final_loss"]
+
+    best = {b: min(rs, key=key) for b, rs in fam.items()}
+    ref = best["adamw"]
+    n = min(len(r["losses"]) for rs in fam.values() for r in rs)
+    wins = _windows(n)
+    out_rows = []
+    for b, rs in fam.items():
+        for r in sorted(rs, key=lambda x: x["lr"]):
+            tail = slice(max(0, n - 20), n)
+            diff = [a - c for a, c in zip(r["losses"][tail], ref["losses"][tail], strict=True)]
+            mean = sum(diff) / len(diff)
+            se = (sum((d - mean) ** 2 for d in diff) / (len(diff) - 1) / len(diff)) ** 0.5 if len(diff) > 1 else 0.0
+            out_rows.append({
+                "name": r["name"], "family": b, "lr": r["lr"], "best_of_family": r is best[b],
+                "final_loss": r["final_loss"], "final_vs_tuned_adamw": r["final_loss"] / ref["final_loss"],
+                "valid_loss": r.get("valid_loss"),
+                "valid_vs_tuned_adamw": (r["valid_loss"] / ref["valid_loss"]
+                                         if r.get("valid_loss") is not None and ref.get("valid_loss") else None),
+                "window_means": [sum(r["losses"][a:e]) / (e - a) for a, e in wins],
+                "paired_diff_last20_mean": mean, "paired_diff_last20_se": se})
+    ranking = [[x["name"] for x in sorted(out_rows, key=lambda x: x["window_means"][i])] for i in range(len(wins))]
+    lrs = sorted(r["lr"] for r in fam["adamw"])
+    return {"windows": [f"steps {a + 1}-{e}" for a, e in wins], "rows": out_rows,
+            "tuned_adamw": {"name": ref["name"], "lr": ref["lr"], "grid": lrs,
+                            "interior": len(lrs) >= 3 and lrs[0] < ref["lr"] < lrs[-1]},
+            "best_per_family": {b: r["name"] for b, r in best.items()},
+            "ranking_per_window": ranking, "ranking_stable": all(x == ranking[-1] for x in ranking)}
 
 
 def regime_params(config: Any, name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -332,6 +416,18 @@ def check_goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "met_at_30_layers": sl["full_depth_params"]["model_ratio"] <= 0.6}
         rel = {n: by[n]["final_loss"] / adamw["final_loss"] - 1 for n in by if regime_of(n)[0] == "sltrain"}
         goals["sltrain_loss_within_10pct_of_adamw"] = {"relative": rel, "met": any(v <= 0.10 for v in rel.values())}
+    tuned = tuned_comparison(rows)
+    if tuned:
+        fams = {x["family"]: x for x in tuned["rows"] if x["best_of_family"]}
+        rel = {b: x["final_vs_tuned_adamw"] - 1 for b, x in fams.items() if b.startswith("rw-")}
+        rel_valid = {b: x["valid_vs_tuned_adamw"] - 1 for b, x in fams.items()
+                     if b.startswith("rw-") and x["valid_vs_tuned_adamw"] is not None}
+        goals["galore_within_5pct_of_tuned_adamw"] = {
+            "tuned_adamw": tuned["tuned_adamw"], "best_per_family": tuned["best_per_family"],
+            "final_loss_relative": rel, "valid_loss_relative": rel_valid,
+            "met_final_loss": {b: v <= 0.05 for b, v in rel.items()},
+            "met_valid_loss": {b: v <= 0.05 for b, v in rel_valid.items()},
+            "ranking_stable_over_last_3_windows": tuned["ranking_stable"]}
     if "rw-fira" in by and "rw-svd" in by:
         ref = [by["rw-svd"]["final_loss"]] + ([peer["final_loss"]] if peer else [])
         goals["fira_loss_le_galore"] = {"fira": by["rw-fira"]["final_loss"], "galore": ref,
@@ -352,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-tokens", type=int, default=1024)
     ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--valid-tokens", type=int, default=0,
+                    help="also score this many PTB-valid tokens per row (learning rates are chosen on valid)")
     ap.add_argument("--trp-lam", type=float, default=1e-3)
     ap.add_argument("--trp-every", type=int, default=10)
     ap.add_argument("--trp-energy", type=float, default=0.9)
