@@ -9,9 +9,14 @@ the saved folder, prefill of one 512-token prompt timed right after the dense mo
 
 Jobs (``--jobs``; default ``DEFAULT_JOBS``, the whole grid): ``dense``, ``{rtn,gptq}{bits}[e{r1}/{r2}...][:variant]``
 (EoRA ranks from ONE quantisation at the largest rank: rank r is an exact truncation of the same factorisation),
-``lowrank{ρ}[:variant]`` (rankwise compress, then GPTQ 4-bit factors). Parallel processes write
+``lowrank{ρ}[q4][:variant]`` (the default ``rankwise compress`` pipeline; with ``q4`` then GPTQ 4-bit factors; the
+dense statistics are computed once and shared by every ρ: the default pipeline is not sequential). Runs write
 ``quantize_<part>.json``; ``--plot-only [--previous OLD.json]`` merges them into ``quantize.json``, marks the
 goals, prints the README table and draws ``docs/img/quantize_pareto.png``.
+
+Cheap re-runs: a row already measured in any ``quantize_*.json`` part (this run's own file included, so a killed
+job resumes) is not measured again, and a job whose rows all exist is skipped before it quantises anything
+(``--remeasure`` turns this off).
 
     python bench/quantize.py --jobs gptq3:mix-act,gptq3:mix --name quantize_p1   # e.g. one part
     python bench/quantize.py --plot-only
@@ -58,9 +63,10 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json"))
 
 
-def prefill_seconds(model, ids: torch.Tensor, reps: int = 2) -> float:
+def prefill_seconds(model, ids: torch.Tensor, reps: int = 2, warmup: bool = True) -> float:
     with torch.no_grad():
-        model(input_ids=ids)  # warm-up
+        if warmup:
+            model(input_ids=ids)
         t = time.perf_counter()
         for _ in range(reps):
             model(input_ids=ids)
@@ -89,6 +95,14 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="rankwise-bench-quant-"))
         self.rows: list[dict] = []
         self.args = args
+        self.stats_cache: dict = {}  # the dense statistics of the default compress pipeline, shared by every ρ
+        self.done = set() if args.remeasure else measured_labels(args.name)
+        own = RESULTS / f"{args.name}.json"
+        if own.is_file() and not args.remeasure:  # resume a killed run: keep its rows
+            import json
+
+            self.rows.extend(json.loads(own.read_text())["rows"])
+        self.dense_warm = False
         self.data = {"rows": self.rows, "calibration": {}, "group_size": GROUP, "run": run_info(),
                      "eval": {"tokens": EVAL_TOKENS, "valid_tokens": VALID_TOKENS, "seq_len": 512, "bos": True},
                      "jobs": args.jobs}
@@ -99,7 +113,10 @@ class Bench:
             self.data["calibration"][spec] = self.calibs[spec][1].to_dict()
         return self.calibs[spec][0]
 
-    def measure(self, model, label: str, kind: str, save, valid: bool = False, **extra) -> dict:
+    def measure(self, model, label: str, kind: str, save, valid: bool = False, **extra) -> dict | None:
+        if label in self.done:
+            print(f"{label:36s} already measured (skipped)", flush=True)
+            return None
         folder = self.tmp / label.replace(" ", "_").replace("/", "-")
         save(model, folder)
         row = {"label": label, "kind": kind, **extra, "disk_bytes": folder_bytes(folder)}
@@ -112,12 +129,15 @@ class Bench:
                 row[f"valid_{s}"] = perplexity(model, self.tok, text, seq_len=512, max_tokens=VALID_TOKENS,
                                                name=s).perplexity
         row["eval_seconds"] = time.perf_counter() - t
-        # side by side: the dense model's prefill is timed right before this row's, in this process
-        row["dense_prefill_s"] = prefill_seconds(self.base, self.prompt, reps=1)
-        row["prefill_s"] = prefill_seconds(model, self.prompt, reps=1)
+        # side by side: the dense model's prefill is timed right before this row's, in this process (no warm-up
+        # pass for the row's model: it has just run the evaluation; the dense model is warmed once per process)
+        row["dense_prefill_s"] = prefill_seconds(self.base, self.prompt, reps=1, warmup=not self.dense_warm)
+        self.dense_warm = True
+        row["prefill_s"] = prefill_seconds(model, self.prompt, reps=1, warmup=False)
         row["prefill_tok_s"] = self.prompt.shape[1] / row["prefill_s"]
         row["prefill_vs_dense"] = row["dense_prefill_s"] / row["prefill_s"]
         self.rows.append(row)
+        self.done.add(label)
         self.flush()
         print(f"{label:36s} ppl ptb {row['ppl_ptb']:9.2f} bbc {row['ppl_bbc']:9.2f} "
               + (f"valid {row['valid_ptb']:8.2f} {row['valid_bbc']:8.2f} " if valid else "")
@@ -134,6 +154,12 @@ class Bench:
               plain: bool, model=None, kind: str = "quant", **extra) -> None:
         """One quantisation (EoRA at the largest of ``ranks``), measured at every rank (exact truncations)."""
         calib_text, act_order = VARIANTS[variant]
+        # EoRA on RTN depends on the calibration text: its rows name it (a GPTQ label already does)
+        suffix = f" [{variant}]" if method == "rtn" else ""
+        wanted = ([label] if plain else []) + [f"{label} + EoRA {r}{suffix}" for r in ranks]
+        if all(w in self.done for w in wanted):
+            print(f"{label:36s} every row already measured (skipped)", flush=True)
+            return
         model = model if model is not None else copy.deepcopy(self.base)
         cfg = QuantizeConfig(bits=bits, group_size=GROUP, method=method, eora_rank=max(ranks) if ranks else None,
                              calib=calib_text, act_order=act_order, progress=False)
@@ -145,7 +171,7 @@ class Bench:
             common.update(calib=calib_text, act_order=act_order, variant=variant)
         full = {n: (mod.eora_B.data.clone(), mod.eora_A.data.clone()) for n, mod in model.named_modules()
                 if isinstance(mod, QuantLinear) and mod.eora_A is not None}
-        if plain and _row(self.rows, label) is None:  # first: the most important row of a job on a loaded machine
+        if plain and label not in self.done:  # first: the most important row of a job on a loaded machine
             truncate_eora(model, 0)
             # with EoRA ranks the later blocks were calibrated on the corrected model's outputs (GPTQ only)
             self.measure(model, label, kind, self.save_q, valid=valid, eora_rank=0,
@@ -153,13 +179,13 @@ class Bench:
         for r in ranks:  # in the order given: the most important rank first
             for n, (B, A) in full.items():
                 model.get_submodule(n).set_eora(B[:, :r].clone(), A[:r].clone())
-            self.measure(model, f"{label} + EoRA {r}", "quant+eora" if kind == "quant" else kind, self.save_q,
+            self.measure(model, f"{label} + EoRA {r}{suffix}", "quant+eora" if kind == "quant" else kind, self.save_q,
                          eora_rank=r, **common)
         del model
         gc.collect()
 
     def job(self, job: str) -> None:
-        """``dense`` | ``{rtn,gptq}{bits}[e{r1}/{r2}…][:variant]`` | ``lowrank{ρ}[:variant]`` (+ 4-bit GPTQ factors).
+        """``dense`` | ``{rtn,gptq}{bits}[e{r1}/{r2}…][:variant]`` | ``lowrank{ρ}[q4][:variant]`` (q4: + GPTQ 4-bit).
 
         EoRA ranks come from ONE quantisation at the largest rank (exact truncations); the plain row of an
         RTN job is then plain RTN exactly (RTN ignores data); GPTQ jobs with ranks measure no plain row (their
@@ -176,21 +202,31 @@ class Bench:
             label = f"{method} {bits}-bit" + (f" [{variant}]" if method == "gptq" else "")
             self.quant(bits, method, variant, ranks, label, valid=bits == 3,
                        plain=method == "rtn" or not ranks)
-        elif name.startswith("lowrank"):
-            ratio = float(name[len("lowrank"):])
+        elif lr := re.fullmatch(r"lowrank([\d.]+)(q4)?", name):
+            ratio, q4 = float(lr.group(1)), bool(lr.group(2))
+            label, qlabel = f"low rank ρ={ratio}", f"low rank ρ={ratio} + gptq 4-bit [{variant}]"
+            if label in self.done and (not q4 or qlabel in self.done):
+                print(f"{label:36s} every row already measured (skipped)", flush=True)
+                return
             model = copy.deepcopy(self.base)
+            first = not self.stats_cache  # later ρ reuse the dense statistics (their time excludes that pass)
             t = time.perf_counter()
-            compress(model, CompressConfig(ratio=ratio, progress=False), calib=self.calib("ptb"), tokenizer=self.tok)
+            # the default `rankwise compress` pipeline (its own calibration: CompressConfig's text and windows)
+            cres = compress(model, CompressConfig(ratio=ratio, progress=False), tokenizer=self.tok,
+                            stats_cache=self.stats_cache)
             secs = time.perf_counter() - t
+            self.data["calibration"][f"compress ρ={ratio}"] = cres.calibration
 
             def save_lr(m, folder):
                 import rankwise
 
                 rankwise.save(m, folder, tokenizer=self.tok)
 
-            self.measure(model, f"low rank ρ={ratio}", "lowrank", save_lr, ratio=ratio, quant_seconds=secs)
-            self.quant(4, "gptq", variant, (), f"low rank ρ={ratio} + gptq 4-bit [{variant}]", valid=False,
-                       plain=True, model=model, kind="lowrank+quant", ratio=ratio, seconds=secs)
+            self.measure(model, label, "lowrank", save_lr, ratio=ratio, quant_seconds=secs,
+                         achieved_ratio=cres.achieved_ratio, shared_stats=len(self.stats_cache) > 0 and not first)
+            if q4:
+                self.quant(4, "gptq", variant, (), qlabel, valid=False, plain=True, model=model,
+                           kind="lowrank+quant", ratio=ratio, seconds=secs)
         else:
             raise SystemExit(f"unknown job {job!r}")
 
@@ -198,6 +234,16 @@ class Bench:
         for job in self.args.jobs.split(","):
             self.job(job)
         self.flush()
+
+
+def measured_labels(own: str) -> set[str]:
+    """Labels of the rows already in ``bench/results/quantize_*.json`` (every part, this run's own included)."""
+    import json
+
+    out: set[str] = set()
+    for part in RESULTS.glob(f"{NAME}_*.json"):
+        out |= {r["label"] for r in json.loads(part.read_text()).get("rows", [])}
+    return out
 
 
 def _row(rows: list[dict], label: str) -> dict | None:
@@ -336,6 +382,8 @@ def main() -> None:
     p.add_argument("--previous", default=None, metavar="JSON",
                    help="--plot-only: also take rows (same protocol) from an earlier quantize.json that no part "
                         "re-measured")
+    p.add_argument("--remeasure", action="store_true",
+                   help="measure every row of the jobs even when a quantize_*.json part already has it")
     args = p.parse_args()
     if args.plot_only:
         merge_and_plot(args.previous)
