@@ -227,3 +227,28 @@ def test_spectra_gram_method_matches_svd() -> None:
         assert stable_rank(a) == pytest.approx(stable_rank(b), rel=1e-5)
     with pytest.raises(ValueError):
         spectra(mats, method="qr")
+
+
+def test_whitening_leaves_its_input_alone_and_forms_no_inverse_unless_asked() -> None:
+    """SVD-LLM needs A·S⁻¹ for k rows only: a triangular solve equal to the product with the explicit inverse."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 20, generator=g, dtype=torch.float64)
+    c = x.T @ x
+    before = c.clone()
+    f = cholesky_factor(c)
+    assert torch.equal(c, before)  # the caller's statistics are not modified (anchoring reuses them)
+    assert f._S_inv is None  # no n×n inverse formed by the factorisation itself
+    a = torch.randn(5, 20, generator=g, dtype=torch.float64)
+    ref = a @ torch.linalg.inv(f.S)
+    assert torch.allclose(f.solve_right(a), ref, atol=1e-10)
+    assert torch.allclose(f.S_inv, torch.linalg.inv(f.S), atol=1e-10)  # on demand, then cached
+    assert torch.allclose(f.solve_right(a), ref, atol=1e-10)
+    # a matrix that needs jitter: still untouched, and the jittered factor reproduces C + εI
+    x2 = torch.randn(30, 20, generator=g, dtype=torch.float64)
+    c2 = x2.T @ x2
+    c2[:, 0] = c2[0, :] = 0.0  # a dead input channel: C is singular
+    before2 = c2.clone()
+    f2 = cholesky_factor(c2, warn=False)
+    assert torch.equal(c2, before2) and f2.method == "cholesky" and f2.jitter > 0
+    eps = f2.jitter * float(c2.diagonal().mean())
+    assert torch.allclose(f2.S @ f2.S.T, c2 + eps * torch.eye(20, dtype=torch.float64), atol=1e-8)

@@ -209,3 +209,43 @@ def test_interrupt_in_the_middle_of_the_walk_leaves_no_output(sharded, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tmp"]  # no temporary folder beside the output
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"]  # the old output is untouched
     assert not any(spill_root.iterdir())  # spilled hidden states removed
+
+
+def test_untied_head_and_embeddings_stay_in_the_storage_dtype_outside_the_head_passes(tmp_path, monkeypatch,
+                                                                                       one_torch_thread):
+    """bf16 checkpoint computed in float32: embeddings/head are kept in bf16 (half the memory), the head is
+    upcast only around the loss-sensitivity pass, and the result equals the upcast model compressed in memory."""
+    import rankwise.compression.streaming as streaming
+
+    torch.manual_seed(3)
+    cfg_hf = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False)
+    src = tmp_path / "src"
+    LlamaForCausalLM(cfg_hf).to(torch.bfloat16).save_pretrained(str(src))
+    seen: dict[str, torch.dtype] = {}
+    real = streaming.run_pipeline
+
+    def spy(model, *a, head_scope=None, **kw):
+        seen["embed"] = model.get_input_embeddings().weight.dtype
+        seen["head"] = model.get_output_embeddings().weight.dtype
+        assert head_scope is not None
+        with head_scope():
+            seen["head_in_scope"] = model.get_output_embeddings().weight.dtype
+        seen["head_after"] = model.get_output_embeddings().weight.dtype
+        return real(model, *a, head_scope=head_scope, **kw)
+
+    monkeypatch.setattr(streaming, "run_pipeline", spy)
+    x = _x()[:4, :16]
+    cfg = _cfg(calib_samples=4, seq_len=16, sens_samples=2, compute_dtype="float32")
+    res = compress_checkpoint(src, tmp_path / "out", cfg, calib=x)
+    assert seen == {"embed": torch.bfloat16, "head": torch.bfloat16, "head_in_scope": torch.float32,
+                    "head_after": torch.bfloat16}
+    upcast = LlamaForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16).float().eval()
+    ref = compress(upcast, replace(cfg, dtype="float32"), calib=x)
+    assert res.ranks == ref.ranks and any(r is not None for r in res.ranks.values())
+    reader = CheckpointReader(tmp_path / "out", check_sizes=False)
+    sd = upcast.state_dict()
+    assert "lm_head.weight" in reader.keys()
+    for k in reader.keys():
+        assert reader.dtype(k) == torch.bfloat16, k
+        assert torch.allclose(reader.get(k).float(), sd[k].to(torch.bfloat16).float(), rtol=2**-7, atol=1e-6), k

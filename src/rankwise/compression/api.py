@@ -21,6 +21,7 @@ and timings, and ``model.rankwise_meta`` is set so ``rankwise.save`` writes it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -353,6 +354,7 @@ def run_pipeline(
     cache: dict | None = None,
     spill_bytes: int = SPILL_BYTES,
     runners: list | None = None,
+    head_scope: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> PipelineResult:
     """Sensitivity → statistics + spectra → allocation → factorisation, block by block.
 
@@ -362,6 +364,8 @@ def run_pipeline(
     block ``i`` once it is factorised). ``loop``: the calibration forward loop (None for a data-free
     method); ``sens_windows``: token windows of the loss-sensitivity pass (None: no sensitivity).
     ``runners``: if a list, every :class:`BlockRunner` made is appended (tests count materialised blocks).
+    ``head_scope()``: a context entered around the passes that run the model's head (loss sensitivity, fwsvd
+    gradients); the streamed compress upcasts a head it keeps in the storage dtype there.
     """
     method = get_method(config.method)
     structured = getattr(method, "run_pipeline", None)
@@ -426,7 +430,7 @@ def run_pipeline(
             sensitivity = output_sensitivity(model, targets, loss_loop)
         else:
             r = runner(windows_forward_loop(sens_windows, batch_size=1))
-            with r, frozen(model), meter.hooks(outside):
+            with r, frozen(model), meter.hooks(outside), (head_scope or contextlib.nullcontext)():
                 r.backward(head_loss_fn(r, sens_windows, 1),
                            collect=lambda i: meter.hooks(by_block.get(i, [])), desc="loss sensitivity")
             dist.all_reduce_(meter.sums)
@@ -448,7 +452,7 @@ def run_pipeline(
                 cols[i] = collector(by_block.get(i, []), want_xtx=False, want_abs=False, want_grad=True)
                 return cols[i]
 
-            with r, frozen(model):
+            with r, frozen(model), (head_scope or contextlib.nullcontext)():
                 r.backward(head_loss_fn(r, windows, config.batch_size), collect=grad_collect, desc="fwsvd gradients")
             for col in cols.values():
                 grad_stats.update(col.stats)

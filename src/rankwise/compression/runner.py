@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rankwise.engine import heap
 from rankwise.errors import RankwiseError
 from rankwise.progress import progress as progress_bar
 from rankwise.surgery.targets import Target
@@ -370,6 +371,8 @@ class BlockRunner:
                 self._release(i, self.blocks.modules[i])
             elif home != self.device:
                 self.blocks.modules[i].to(home)
+            if self.device.type == "cpu":
+                heap.trim()  # the block's freed memory back to the OS, so the peak does not grow with depth
 
     # -- capture --
     def capture(self) -> None:

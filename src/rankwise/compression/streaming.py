@@ -26,9 +26,10 @@ anyway. The output is written into a temporary folder beside ``out`` and renamed
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,32 @@ class _Materialiser:
             for key, p in list(mod._parameters.items()):
                 if p is not None and not p.is_meta:
                     mod._parameters[key] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+
+def _cast_output(dtype: torch.dtype) -> Callable:
+    """A forward hook casting a floating output to ``dtype`` (an embedding kept in the storage dtype)."""
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        if isinstance(output, torch.Tensor) and output.is_floating_point() and output.dtype != dtype:
+            return output.to(dtype)
+        return output
+
+    return hook
+
+
+@contextlib.contextmanager
+def _upcast(module: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """``module``'s own floating parameters in ``dtype`` for the ``with`` (shared, i.e. tied, ones included)."""
+    saved = []
+    for p in module.parameters(recurse=False):
+        if p.is_floating_point() and p.dtype != dtype:
+            saved.append((p, p.data))
+            p.data = p.data.to(dtype)
+    try:
+        yield
+    finally:
+        for p, data in saved:
+            p.data = data
 
 
 def _tokenizer(folder: Path):
@@ -229,8 +256,15 @@ def compress_checkpoint(
         targeted_before = sum(m * n for m, n in shapes)
         mat = _Materialiser(model, reader, device, compute)
         block_names = {id(b): f"{blocks.prefix}.{i}" for i, b in enumerate(blocks.modules)}
-        # everything outside the blocks: embeddings, final norm, head (tied weights re-tied afterwards)
+        # everything outside the blocks: embeddings, final norm, head (tied weights re-tied afterwards).
+        # The embedding tables and the head (the largest tensors outside the blocks: 2 × 302 MB in float32 for a
+        # 49k vocabulary at width 1536) stay in the storage dtype; only their lookups' outputs are cast to the
+        # compute dtype, and the head is upcast for the passes that run it (loss sensitivity, fwsvd gradients).
         in_blocks = {id(p) for b in blocks.modules for p in b.parameters()}
+        narrow = {id(m) for m in model.modules() if isinstance(m, nn.Embedding)} if dtype != compute else set()
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is not None and dtype != compute:
+            narrow.add(id(head))
         for mname, mod in model.named_modules():
             if any(mname == n or mname.startswith(n + ".") for n in block_names.values()):
                 continue
@@ -242,11 +276,14 @@ def compress_checkpoint(
                 from accelerate.utils import set_module_tensor_to_device
 
                 value = _finite(reader.get(key), key, reader.folder)
-                set_module_tensor_to_device(mod, k, device, value=value,
-                                            dtype=compute if value.is_floating_point() else value.dtype)
+                want = (dtype if id(mod) in narrow else compute) if value.is_floating_point() else value.dtype
+                set_module_tensor_to_device(mod, k, device, value=value, dtype=want)
                 mod._parameters[k].requires_grad_(False)
         if getattr(reader.config, "tie_word_embeddings", False):
             model.tie_weights()
+        hooks = [m.register_forward_hook(_cast_output(compute)) for m in model.modules()
+                 if isinstance(m, nn.Embedding) and id(m) in narrow]
+        head_scope = (lambda: _upcast(head, compute)) if head is not None and id(head) in narrow else None
         outside_meta = [n for n, p in model.named_parameters() if p.is_meta and id(p) not in in_blocks]
         if outside_meta:
             raise RankwiseError(f"the checkpoint {folder} has no tensor for {outside_meta[0]}; "
@@ -301,7 +338,10 @@ def compress_checkpoint(
                     flush()
 
             out_ = run_pipeline(model, targets, config, device=device, loop=loop, sens_windows=sens_windows,
-                                load=load, release=release, on_block_done=done, spill_bytes=spill_bytes)
+                                load=load, release=release, on_block_done=done, spill_bytes=spill_bytes,
+                                head_scope=head_scope)
+            for h in hooks:
+                h.remove()
             timings.update(out_.timings)
             ranks = {t.name: out_.rank_of[t.name] for t in targets}
             targeted_after = out_.targeted_after if out_.targeted_after is not None else sum(

@@ -41,6 +41,8 @@ class Transformed:
     M: torch.Tensor  # float64 m×n
     out_inv: torch.Tensor | None = None  # (m,) diagonal of D_out⁻¹
     in_inv: torch.Tensor | None = None  # (n,) diagonal or (n×n) matrix R⁻¹
+    # or R⁻¹ applied lazily from the right, A ↦ A R⁻¹ (a triangular solve: no n×n inverse is formed)
+    in_solve: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -52,6 +54,7 @@ class Prepared:
     Vh: torch.Tensor | None = None
     out_inv: torch.Tensor | None = None
     in_inv: torch.Tensor | None = None
+    in_solve: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def energy(self) -> torch.Tensor:
@@ -68,6 +71,8 @@ class Prepared:
             B = self.out_inv[:, None] * B
         if self.in_inv is not None:
             A = A * self.in_inv[None, :] if self.in_inv.dim() == 1 else A @ self.in_inv
+        if self.in_solve is not None:
+            A = self.in_solve(A)
         return B, A
 
 
@@ -103,8 +108,9 @@ class Method:
         svd_dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
         M = t.M.to(svd_dtype)
         if not vectors:
-            return Prepared(S=singular_values(M).to(torch.float64), out_inv=t.out_inv, in_inv=t.in_inv)
+            return Prepared(S=singular_values(M).to(torch.float64))  # spectra only: no inverse kept
         U, S, Vh = thin_svd(M)
         return Prepared(
-            S=S.to(torch.float64), U=U.to(torch.float64), Vh=Vh.to(torch.float64), out_inv=t.out_inv, in_inv=t.in_inv
+            S=S.to(torch.float64), U=U.to(torch.float64), Vh=Vh.to(torch.float64), out_inv=t.out_inv, in_inv=t.in_inv,
+            in_solve=t.in_solve,
         )

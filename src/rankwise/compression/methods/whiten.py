@@ -44,7 +44,7 @@ def _transform(W: torch.Tensor, stats: LayerStats | None, opts: MethodOptions, n
         raise ValueError(f"whiten needs input statistics XᵀX for {name}")
     C = shrunk_covariance(stats.xtx, opts.shrink, opts.shrink_target)
     f = cholesky_factor(C, jitter=opts.jitter, name=name)
-    return Transformed(M=W @ f.S, in_inv=f.S_inv)
+    return Transformed(M=W @ f.S, in_solve=f.solve_right)
 
 
 METHOD = register(Method("whiten", _transform, needs_xtx=True, doc="SVD-LLM truncation-aware whitening"))
