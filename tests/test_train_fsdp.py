@@ -78,6 +78,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 "fsdp": full,
                 "losses": (ddp_losses, fsdp_losses),
                 "state_bytes": (optimizer_state_bytes(opt_ref).total, optimizer_state_bytes(opt).total),
+                "n_projected": optimizer_state_bytes(opt).projected_params,
             }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -101,6 +102,12 @@ def test_fsdp_equals_ddp(tmp_path) -> None:
         # every process keeps about half of the optimizer state (moments sharded with the parameters)
         ddp_bytes, fsdp_bytes = res["state_bytes"]
         assert fsdp_bytes < 0.6 * ddp_bytes, (key, fsdp_bytes, ddp_bytes)
+        if not key.startswith("dct"):
+            # nothing is replicated: the two processes' resident state adds up to one process's (bases included;
+            # Fira adds one replicated float32 norm per projected matrix)
+            allowance = 4 * res["n_projected"] if key.endswith("True") else 0
+            both = fsdp_bytes + r1[key]["state_bytes"][1]
+            assert ddp_bytes <= both <= ddp_bytes + allowance, (key, both, ddp_bytes)
 
 
 def test_train_cli_under_torchrun_fsdp(tmp_path) -> None:

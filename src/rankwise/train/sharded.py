@@ -5,13 +5,16 @@ rows: process i holds W_i and, after backward, its gradient rows G_i (the reduce
 every process's gradient). GaLore's update needs a projection of G and Adam moments of the
 projected gradient; here both are computed from the shards:
 
-* **right side** (m ≥ n under ``proj_type="std"``: Q is n×r, R = G Q is m×r). The projection
+* **right side** (m > n under ``proj_type="std"``: Q is n×r, R = G Q is m×r). The projection
   comes from the all-reduced Gram matrix of the smaller side, GᵀG = Σ_i G_iᵀG_i (n×n, float64):
   ``svd`` takes its top-r eigenvectors (the top right singular vectors of G); ``dct`` scores
   column k of the DCT basis D by ‖G D e_k‖² = Σ_i ‖G_i D e_k‖²; ``randomized`` runs the range
   finder on the sharded matrix (sums of n×q and q×q products, the same seeded sketch as one
   process). R_i = G_i Q are the local rows of R, so the Adam moments (m_i×r) are sharded with the
-  parameter and the update N_i Qᵀ touches only local rows.
+  parameter and the update N_i Qᵀ touches only local rows. Q itself is kept sharded too: every
+  process computes the same Q at a refresh but keeps only its chunk of Q's n rows (n/N×r), and
+  each step all-gathers the n×r matrix transiently (as FSDP all-gathers a parameter for its
+  forward), so no process holds a whole basis between steps.
 * **left side** (m < n: Q is m×r, R = QᵀG is r×n). Q's rows are sharded like W's (Q_i); R =
   Σ_i Q_iᵀG_i is all-reduced (r×n); the Adam moments are kept for this process's *columns* of R
   only (r×n/N) and the normalised update is all-gathered (r×n) before Q_i·N updates the local rows.
@@ -102,26 +105,33 @@ class RowShard:
         tdist.all_reduce(t, group=self.group)
         return t
 
-    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
-        """The full matrix from every process's rows (padded to equal sizes for gloo, then trimmed)."""
-        width = max(self.sizes)
+    def chunk_sizes(self, n: int) -> list[int]:
+        """How torch.chunk (FSDP2's split) divides ``n`` rows or columns over the processes."""
+        sizes = [len(c) for c in torch.arange(n).chunk(self.world)]
+        return sizes + [0] * (self.world - len(sizes))
+
+    def gather_rows(self, t: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        """The full matrix from every process's chunk of its ``n`` rows (default: the parameter's m).
+
+        Chunks are padded to equal sizes for gloo's all_gather, then trimmed.
+        """
+        sizes = self.sizes if n is None else self.chunk_sizes(n)
+        width = max(sizes)
         pad = t.new_zeros(width, *t.shape[1:])
         pad[: t.shape[0]] = t
         parts = [torch.empty_like(pad) for _ in range(self.world)]
         tdist.all_gather(parts, pad, group=self.group)
-        return torch.cat([p[:s] for p, s in zip(parts, self.sizes)])
+        return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
     def col_range(self, n: int) -> tuple[int, int]:
         """This process's slice of ``n`` columns (torch.chunk's split)."""
-        sizes = [len(c) for c in torch.arange(n).chunk(self.world)]
-        sizes += [0] * (self.world - len(sizes))
+        sizes = self.chunk_sizes(n)
         start = sum(sizes[: self.rank])
         return start, start + sizes[self.rank]
 
     def gather_cols(self, t: torch.Tensor, n: int) -> torch.Tensor:
         """The full r×n matrix from every process's column slice."""
-        sizes = [len(c) for c in torch.arange(n).chunk(self.world)]
-        sizes += [0] * (self.world - len(sizes))
+        sizes = self.chunk_sizes(n)
         width = max(sizes)
         pad = t.new_zeros(t.shape[0], width)
         pad[:, : t.shape[1]] = t
@@ -136,8 +146,10 @@ class RowShard:
 def refresh_sharded(proj: Projector, g: torch.Tensor, state: dict, step: int, shard: RowShard) -> None:
     """New projection of the m×n gradient whose local rows are ``g``, written into ``state``.
 
-    Right side: ``proj_basis`` (n×r, the same on every process) or ``proj_indices``; left side:
-    ``proj_basis`` holds this process's rows of Q (m_i×r) and ``proj_indices`` the DCT columns.
+    ``proj_indices`` (DCT, r indices, the same on every process) or ``proj_basis``: this process's
+    chunk of Q's rows, m_i×r (left side: the rows of W it holds) or n_i×r (right side: its share of
+    the n rows, :meth:`RowShard.col_range`). Every chunk is a copy, so the whole Q computed at the
+    refresh is freed (a slice would keep the full storage alive).
     """
     work = g if g.dtype in (torch.float32, torch.float64) else g.float()
     if proj.side == "left":
@@ -146,7 +158,7 @@ def refresh_sharded(proj: Projector, g: torch.Tensor, state: dict, step: int, sh
         proj.refresh(full, tmp, step)
         if "proj_basis" in tmp:
             q = canonical_signs(tmp["proj_basis"].to(work.dtype))
-            state["proj_basis"] = q[shard.start : shard.start + shard.rows].contiguous().to(g.dtype)
+            state["proj_basis"] = q[shard.start : shard.start + shard.rows].to(g.dtype, copy=True)
         else:
             state["proj_indices"] = tmp["proj_indices"]
         state.pop("proj_rows", None)
@@ -157,13 +169,15 @@ def refresh_sharded(proj: Projector, g: torch.Tensor, state: dict, step: int, sh
         gram = shard.all_reduce(g64.T @ g64)
         _, vecs = sym_eigh(gram)
         q = canonical_signs(vecs[:, -r:].flip(1))
-        state["proj_basis"] = q.to(g.dtype).contiguous()
     elif proj.projection == "dct":
         d = dct_basis(proj.dim, work.device, work.dtype)
         sq = shard.all_reduce((work @ d).pow(2).sum(0).to(torch.float64))
         state["proj_indices"] = torch.topk(sq, r, sorted=True).indices.to(torch.long)
+        return
     else:
-        state["proj_basis"] = _randomized_right(work, r, proj, step, shard).to(g.dtype)
+        q = _randomized_right(work, r, proj, step, shard)
+    c0, c1 = shard.col_range(shard.n)
+    state["proj_basis"] = q[c0:c1].to(g.dtype, copy=True)  # this process's chunk of Q's n rows
 
 
 def _randomized_right(g: torch.Tensor, rank: int, proj: Projector, step: int, shard: RowShard) -> torch.Tensor:
@@ -191,7 +205,7 @@ def _randomized_right(g: torch.Tensor, rank: int, proj: Projector, step: int, sh
 
 
 def basis_sharded(proj: Projector, state: dict, like: torch.Tensor, shard: RowShard) -> torch.Tensor:
-    """Q for this process: n×r (right side) or this process's rows m_i×r (left side)."""
+    """Q for this process: n×r (right side; all-gathered from the chunks, transient) or its rows m_i×r (left)."""
     if proj.projection == "dct":
         d = dct_basis(proj.dim, like.device, like.dtype)
         q = d.index_select(1, state["proj_indices"].to(like.device))
@@ -199,7 +213,8 @@ def basis_sharded(proj: Projector, state: dict, like: torch.Tensor, shard: RowSh
             q = q[shard.start : shard.start + shard.rows]
         return q
     q = state["proj_basis"]
-    return q if q.dtype == like.dtype else q.to(like.dtype)
+    q = q if q.dtype == like.dtype else q.to(like.dtype)
+    return shard.gather_rows(q, shard.n) if proj.side == "right" else q
 
 
 # -- the Adam step on the shards ---------------------------------------------------------------------------
