@@ -168,6 +168,41 @@ def test_relora_merge_keeps_the_function_restarts_factors_and_prunes_moments() -
     assert cb.events[0]["step"] == 3 and cb.events[0]["layers"] == len(layers)
 
 
+def test_relora_resume_restores_merges_and_schedule_through_the_trainer(tmp_path) -> None:
+    """ReLoRA (merges at steps 2 and 4, jagged schedule) checkpointed at step 3 and resumed into a fresh model: the
+    merge events come back from the checkpoint, the schedule continues, and the run ends with the uninterrupted
+    run's weights, losses and learning rate."""
+    from rankwise.train.regimes.base import build_regime
+    from rankwise.training import TrainConfig, train
+
+    ids = torch.randint(0, 256, (24, 16), generator=torch.Generator().manual_seed(3))
+    windows = [{"input_ids": r, "labels": r} for r in ids]
+
+    def run(resume: str | None, out: str):
+        model = _llama()
+        regime = build_regime("relora", rank=4, relora_every=2, relora_warmup=1, seed=0)
+        regime.prepare(model)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        sched = regime.scheduler(opt, 6)
+        cfg = TrainConfig(steps=6, batch_size=2, save_steps=3, checkpoints=out, resume=resume, seed=0)
+        res = train(model, windows, cfg, lr=1e-2, optimizer=opt, scheduler=sched, callbacks=regime.callbacks(),
+                    progress=False)
+        return model, regime, res, opt
+
+    full, reg_full, res_full, opt_full = run(None, str(tmp_path / "a"))
+    assert [e["step"] for e in reg_full.callback.events] == [2, 4]
+    resumed, reg_res, res_res, opt_res = run(str(tmp_path / "a" / "checkpoint-3"), str(tmp_path / "b"))
+    assert reg_res.callback.events == reg_full.callback.events  # step 2's merge restored, step 4's re-done
+    assert reg_res.summary()["merges"] == [2, 4]
+    assert opt_res.param_groups[0]["lr"] == pytest.approx(opt_full.param_groups[0]["lr"], rel=1e-12)
+    assert res_res.losses[3:] == pytest.approx(res_full.losses[3:], rel=1e-6, abs=1e-7)
+    ref = dict(full.named_parameters())
+    for name, p in resumed.named_parameters():
+        torch.testing.assert_close(p, ref[name], atol=1e-6, rtol=1e-5, msg=name)
+    ck = json.loads((tmp_path / "a" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert [e["step"] for e in ck["stateful_callbacks"]["ReLoRACallback"]["attributes"]["events"]] == [2]
+
+
 def test_relora_jagged_cosine_schedule() -> None:
     from rankwise.train.regimes.relora import jagged_cosine_schedule
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from rankwise.errors import RankwiseError
 from rankwise.surgery.targets import Target
@@ -93,11 +94,15 @@ def jagged_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, e
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class ReLoRACallback(TrainerCallback):
+class ReLoRACallback(TrainerCallback, ExportableState):
     """Merge, restart and partially reset every ``every`` steps (HF ``TrainerCallback`` and plain-loop use).
 
     Plain loop: ``cb.on_step_end(model, step, optimizer=opt)`` after each ``optimizer.step()``.
-    ``events`` lists every merge: step, layers merged, optimizer entries zeroed.
+    ``events`` lists every merge: step, layers merged, optimizer entries zeroed. It is an
+    ``ExportableState``: a Trainer checkpoint stores the events and a resumed run
+    (:func:`rankwise.training.train`) restores them. Nothing else needs restoring: the merged W, the
+    factors and their (pruned) moments are in the checkpoint's weights and optimizer state, the jagged
+    schedule's position in its scheduler state, and each restart is seeded by its step.
     """
 
     name = "relora"
@@ -109,6 +114,20 @@ class ReLoRACallback(TrainerCallback):
             raise RankwiseError(f"--relora-reset must lie in [0, 1], got {reset}.")
         self.every, self.reset, self.seed = int(every), float(reset), int(seed)
         self.events: list[dict[str, Any]] = []
+
+    # Trainer checkpoints (transformers' ExportableState; restored by rankwise.training.rebuild) -------------
+    def state(self) -> dict[str, Any]:
+        """JSON-able ``{"args", "attributes"}`` stored in the checkpoint's trainer_state.json."""
+        return {"args": {"every": self.every, "reset": self.reset, "seed": self.seed},
+                "attributes": {"events": [dict(e) for e in self.events]}}
+
+    def load_state(self, attributes: dict[str, Any]) -> None:
+        """Restore the merge events :meth:`state` stored."""
+        self.events = [dict(e) for e in attributes.get("events") or []]
+
+    def rebuild(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
+        """No structural change to replay (a merge keeps the layers); 0."""
+        return 0
 
     def merge(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None) -> None:
         """Merge every ReLoRALinear of ``model`` and prune its factors' optimizer state (one event)."""
