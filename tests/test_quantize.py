@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -16,6 +17,7 @@ from rankwise.quantization import (
     QuantizeConfig,
     QuantLinear,
     QuantLowRank,
+    QuantSelect,
     load_quantized,
     pack,
     quantize,
@@ -309,7 +311,122 @@ def test_quantize_lowrank_factors(tmp_path):
     assert torch.equal(load_quantized(tmp_path / "lq")(x).logits, out)
 
 
+def tiny_qwen2_with_biases() -> torch.nn.Module:
+    """GQA 4/2 heads with (non-zero) q/k/v biases: MoDeGPT's selections then carry biases too."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, vocab_size=128, max_position_embeddings=64)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                lin.bias.normal_(0, 0.5)
+    return model
+
+
+def test_quantize_modegpt_select_layers(tmp_path):
+    import rankwise
+    from rankwise.surgery.select import SelectLinear
+
+    model = tiny_qwen2_with_biases()
+    rankwise.compress(model, method="modegpt", ratio=0.3, calib=windows(), device="cpu", progress=False)
+    sel = {n: copy.deepcopy(m) for n, m in model.named_modules() if isinstance(m, SelectLinear)}
+    dense = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    assert len(sel) == 7 and len(dense) == 7  # the allocation compresses one block and leaves the other dense
+    x = windows(2, 16, seed=4)
+    ref = model(x).logits.detach()
+    res = quantize(model, QuantizeConfig(bits=8, group_size=32, method="gptq", eora_rank=2, progress=False),
+                   calib=windows())
+    qs = {n: m for n, m in model.named_modules() if isinstance(m, QuantSelect)}
+    assert set(qs) == set(sel) and all(isinstance(m.inner, QuantLinear) and m.inner.eora_rank == 2
+                                       for m in qs.values())
+    assert set(res.layers) == {f"{n}.inner" for n in sel} | dense
+    assert all(isinstance(model.get_submodule(n), QuantLinear) for n in dense)
+    assert all(v["rel_err_eora"] <= v["rel_err"] for v in res.layers.values())
+    assert any(m.cols % 32 for m in qs.values())  # o_proj/down_proj keep a chosen number of columns: ragged groups
+    g = torch.Generator().manual_seed(3)
+    for n, m in qs.items():
+        old = sel[n]
+        assert (m.rows, m.cols, m.scatter_out, m.gather_in) == (old.rows, old.cols, old.scatter_out, old.gather_in)
+        for a, b in ((m.out_index, old.out_index), (m.in_index, old.in_index)):
+            assert (a is None and b is None) or torch.equal(a, b)
+        # reference: the SelectLinear holding the dequantised block plus its EoRA correction
+        block = (m.inner.dequantize() + m.inner.eora_B @ m.inner.eora_A).detach()
+        want = SelectLinear.from_weight(block, m.inner.bias, old.in_features, old.out_features, old.out_index,
+                                        old.in_index, old.scatter_out, old.gather_in)
+        h = torch.randn(3, old.cols if old.in_index is not None and not old.gather_in else old.in_features,
+                        generator=g)
+        torch.testing.assert_close(m(h), want(h))
+        assert float((block - old.weight).norm() / old.weight.norm()) < 0.01  # 8 bits
+    out = model(x).logits.detach()
+    assert float((out - ref).norm() / ref.norm()) < 0.02
+    save_quantized(model, tmp_path / "mq")
+    meta = json.loads((tmp_path / "mq" / "rankwise.json").read_text())
+    assert {n: s["type"] for n, s in meta["layers"].items()} == {**{n: "quant_select" for n in sel},
+                                                                  **{n: "quant" for n in dense}}
+    down = next(n for n in sel if n.endswith("down_proj"))
+    with safe_open(str(tmp_path / "mq" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor(f"{down}.inner.qweight").dtype == torch.uint8
+        assert f"{down}.inner.weight" not in f.keys() and f.get_tensor(f"{down}.weight").numel() == 0  # placeholder
+    loaded = load_quantized(tmp_path / "mq")
+    assert torch.equal(loaded(x).logits, out)
+    from transformers import AutoModelForCausalLM
+
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(str(tmp_path / "mq"))(x).logits, out)
+    plain = to_dense(loaded)
+    assert not any(isinstance(mod, (QuantSelect, SelectLinear, QuantLinear)) for mod in plain.modules())
+    torch.testing.assert_close(plain(x).logits, out, atol=1e-4, rtol=1e-4)
+    with pytest.raises(RankwiseError, match="already quantised"):
+        quantize(loaded, QuantizeConfig(group_size=32, method="rtn", progress=False))
+
+
+@pytest.mark.parametrize("method", ["svd", "modegpt"])
+def test_targets_leave_unmatched_factorised_layers_as_they_were(tmp_path, method):
+    import rankwise
+    from rankwise.surgery.lowrank import LowRankLinear
+    from rankwise.surgery.select import SelectLinear
+
+    model = tiny_qwen2_with_biases()
+    rankwise.compress(model, method=method, ratio=0.3, alloc="uniform", alloc_sensitivity="none", speed_guard="off",
+                      calib=windows(), device="cpu", progress=False)
+    kind = SelectLinear if method == "modegpt" else LowRankLinear
+    before = {n: m for n, m in model.named_modules() if n.endswith("_proj")}
+    assert any(isinstance(m, kind) and not n.endswith("q_proj") for n, m in before.items())
+    res = quantize(model, QuantizeConfig(group_size=32, method="rtn", targets="q_proj", progress=False))
+    assert res.layers and all("q_proj" in n for n in res.layers)
+    for n, m in before.items():
+        now = model.get_submodule(n)
+        if n.endswith("q_proj"):
+            assert isinstance(now, {kind: QuantSelect if method == "modegpt" else QuantLowRank}.get(type(m),
+                                                                                                   QuantLinear)), n
+        else:
+            assert now is m, n  # untouched, still what compress made (a factorised layer or dense)
+    x = windows(2, 16, seed=4)
+    save_quantized(model, tmp_path / "part")
+    assert torch.equal(load_quantized(tmp_path / "part")(x).logits, model(x).logits)
+
+
 # -- errors ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("change", "msg"), [
+    ({"inner": None}, "lacks its 'inner' layer"),
+    ({"select_in": "yes"}, "must be true or false"),
+    ({"out_features": 16}, "inner block 24×64 does not fit the 16×64 layer"),
+    ({"select_out": False}, "inner block 24×64 does not fit the 64×64 layer"),
+])
+def test_corrupt_quant_select_spec_is_a_one_line_error(change, msg):
+    from rankwise.surgery.layers import build_layer
+
+    inner = {"type": "quant", "in_features": 64, "out_features": 24, "bits": 4, "group_size": 32, "bias": True}
+    spec = {"type": "quant_select", "in_features": 64, "out_features": 64, "select_out": True, "select_in": False,
+            "scatter_out": True, "gather_in": False, "inner": inner}
+    layer = build_layer("blk.q_proj", spec)
+    assert isinstance(layer, QuantSelect) and layer.out_index.shape == (24,) and layer.in_index is None
+    with pytest.raises(RankwiseError, match=msg):
+        build_layer("blk.q_proj", {**spec, **change})
 
 
 @pytest.mark.parametrize(("kw", "msg"), [

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from rankwise.cli.main import main
 from rankwise.io.texts import load_text
-from rankwise.quantization import QuantLinear, QuantLowRank, load_quantized
+from rankwise.quantization import QuantLinear, QuantLowRank, QuantSelect, load_quantized
 from tiny_models import write_tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -72,6 +72,20 @@ def test_cli_quantizes_lowrank_factors(tiny_dir, tmp_path):
     assert sum(isinstance(m, QuantLowRank) for m in model.modules()) > 0
     x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     assert torch.isfinite(model(x).logits).all()
+
+
+def test_cli_quantizes_a_modegpt_output(tiny_dir, tmp_path):
+    comp, out, dense = tmp_path / "m", tmp_path / "mq", tmp_path / "md"
+    assert main(["compress", str(tiny_dir), "--ratio", "0.3", "--method", "modegpt", *CALIB, "--out", str(comp)]) == 0
+    assert "select" in {s["type"] for s in json.loads((comp / "rankwise.json").read_text())["layers"].values()}
+    assert main(["quantize", str(comp), "--bits", "4", "--group-size", "32", *CALIB, "--out", str(out),
+                 "--export-dense", str(dense)]) == 0
+    assert "quant_select" in {s["type"] for s in json.loads((out / "rankwise.json").read_text())["layers"].values()}
+    model = load_quantized(out)
+    assert sum(isinstance(m, QuantSelect) and isinstance(m.inner, QuantLinear) for m in model.modules()) > 0
+    plain = AutoModelForCausalLM.from_pretrained(str(dense)).eval()
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model(x).logits, plain(x).logits, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(("args", "msg"), [

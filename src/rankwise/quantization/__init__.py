@@ -2,7 +2,7 @@
 
 from rankwise.quantization.api import METHODS, QuantizeConfig, QuantizeResult, quantize
 from rankwise.quantization.io import export_dense, is_quantized_folder, load_quantized, save_quantized, to_dense
-from rankwise.quantization.layer import QuantLinear, QuantLowRank
+from rankwise.quantization.layer import QuantLinear, QuantLowRank, QuantSelect
 from rankwise.quantization.pack import SUPPORTED_BITS, pack, unpack
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "SUPPORTED_BITS",
     "QuantLinear",
     "QuantLowRank",
+    "QuantSelect",
     "QuantizeConfig",
     "QuantizeResult",
     "export_dense",

@@ -3,7 +3,8 @@
 Pipeline:
 
 1. find the target matrices (every Linear/Conv1D except the LM head and tied layers; the
-   two factors of every ``LowRankLinear`` of a ``rankwise compress`` output);
+   two factors of every ``LowRankLinear`` of a ``rankwise compress`` output; the kept
+   rows × columns block of every MoDeGPT ``SelectLinear`` of a ``--method modegpt`` output);
 2. RTN needs no data. GPTQ and EoRA need each layer's input second moment XᵀX (float64,
    the same statistics whitening uses): the block runner walks the calibration text block
    by block; with ``sequential`` (the default) block ℓ's statistics come from the outputs of
@@ -30,7 +31,7 @@ from rankwise.config import check_int, check_numbers
 from rankwise.errors import RankwiseError
 from rankwise.progress import progress as progress_bar
 from rankwise.quantization.gptq import gptq
-from rankwise.quantization.layer import QuantLinear, QuantLowRank
+from rankwise.quantization.layer import QuantLinear, QuantLowRank, QuantSelect
 from rankwise.quantization.pack import SUPPORTED_BITS, check_bits
 from rankwise.quantization.rtn import QuantizedWeight, rtn
 from rankwise.registry import Registry
@@ -158,7 +159,7 @@ def _check_eora_rank(rank: int, shapes: dict[str, tuple[int, int]]) -> None:
 def already_quantized(model: nn.Module) -> str | None:
     """The name of the first quantised layer in ``model``, or None."""
     for name, mod in model.named_modules():
-        if isinstance(mod, (QuantLinear, QuantLowRank)):
+        if isinstance(mod, (QuantLinear, QuantLowRank, QuantSelect)):
             return name
     return None
 
@@ -178,33 +179,48 @@ def storage_bytes(model: nn.Module) -> int:
 # -- the walk ------------------------------------------------------------------------------------------------
 
 
-def _split_lowrank(model: nn.Module) -> list[str]:
-    """Replace every LowRankLinear by a QuantLowRank of two nn.Linear (to be quantised); returns their names."""
-    from rankwise.surgery.lowrank import LowRankLinear
-    from rankwise.surgery.modules import set_module
+def _split(model: nn.Module, pattern: str | None, exclude: str | None) -> tuple[list[str], list[str]]:
+    """Make the factorised layers whose names match quantisable; returns (low-rank names, MoDeGPT names).
 
-    names = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
-    for n in names:
-        set_module(model, n, QuantLowRank.from_lowrank(model.get_submodule(n)))
-    return names
-
-
-def _targets(model: nn.Module, lowrank: list[str], pattern: str | None, exclude: str | None) -> list:
-    """Dense targets (find_targets) plus both factors of every low-rank layer whose name matches."""
+    Every matching LowRankLinear becomes a QuantLowRank of two nn.Linear, every matching MoDeGPT
+    SelectLinear a QuantSelect around one nn.Linear (its kept block); both are quantised next.
+    Layers that do not match stay as they are (and save as they are).
+    """
     import re
 
-    from rankwise.surgery.targets import Target, find_targets
+    from rankwise.surgery.lowrank import LowRankLinear
+    from rankwise.surgery.modules import set_module
+    from rankwise.surgery.select import SelectLinear
 
-    factors = []
     try:
         rx = re.compile(pattern) if pattern else None
         ex = re.compile(exclude) if exclude else None
     except re.error as exc:
         raise RankwiseError(f"--targets is not a valid regular expression ({exc}); e.g. 'q_proj|v_proj'.") from exc
+
+    def wanted(n: str) -> bool:
+        return (rx is None or bool(rx.search(n))) and (ex is None or not ex.search(n))
+
+    mods = list(model.named_modules())
+    lowrank = [n for n, m in mods if isinstance(m, LowRankLinear) and wanted(n)]
+    select = [n for n, m in mods if isinstance(m, SelectLinear) and wanted(n)]
     for n in lowrank:
-        if (rx is None or rx.search(n)) and (ex is None or not ex.search(n)):
-            mod = model.get_submodule(n)
-            factors += [Target(f"{n}.A", mod.A), Target(f"{n}.B", mod.B)]
+        set_module(model, n, QuantLowRank.from_lowrank(model.get_submodule(n)))
+    for n in select:
+        set_module(model, n, QuantSelect.from_select(model.get_submodule(n)))
+    return lowrank, select
+
+
+def _targets(model: nn.Module, lowrank: list[str], select: list[str], pattern: str | None,
+             exclude: str | None) -> list:
+    """Dense targets (find_targets) plus both factors of every split low-rank layer and every MoDeGPT block."""
+    from rankwise.surgery.targets import Target, find_targets
+
+    factors = []
+    for n in lowrank:
+        mod = model.get_submodule(n)
+        factors += [Target(f"{n}.A", mod.A), Target(f"{n}.B", mod.B)]
+    factors += [Target(f"{n}.inner", model.get_submodule(n).inner) for n in select]
     try:
         dense = find_targets(model, pattern, exclude)
     except RankwiseError:
@@ -286,11 +302,14 @@ def quantize(model: nn.Module, config: QuantizeConfig | None = None, calib: Any 
         raise RankwiseError(f"the model is already quantised ({done} is a {type(model.get_submodule(done)).__name__});"
                             " quantise the original (or `rankwise compress`) model instead.")
     bytes_before = storage_bytes(model)
-    lowrank = _split_lowrank(model)
-    targets = _targets(model, lowrank, config.targets, config.exclude)
-    factor_b = {f"{n}.B" for n in lowrank}  # in_features = the rank rankwise chose: a shorter last group is allowed
+    lowrank, select = _split(model, config.targets, config.exclude)
+    targets = _targets(model, lowrank, select, config.targets, config.exclude)
+    # in_features chosen by the compressor (a factor B's rank, a MoDeGPT block's kept columns): a shorter last
+    # group is allowed there
+    chosen = {f"{n}.B" for n in lowrank} | {f"{n}.inner" for n in select
+                                           if model.get_submodule(n).in_index is not None}
     shapes = {t.name: t.shape for t in targets}
-    _check_group_size(config.group_size, {k: v for k, v in shapes.items() if k not in factor_b})
+    _check_group_size(config.group_size, {k: v for k, v in shapes.items() if k not in chosen})
     if config.eora_rank is not None:
         _check_eora_rank(config.eora_rank, shapes)
     quantiser = METHODS.get(config.method)

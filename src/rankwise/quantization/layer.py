@@ -16,7 +16,11 @@ uses the latter (measured with torch 2.13, see docs/quantize.md).
 
 ``QuantLowRank`` holds a low-rank layer whose two factors were quantised
 (``rankwise quantize`` on a ``rankwise compress`` output): y = B(A x) + b with A and
-B both :class:`QuantLinear`.
+B both :class:`QuantLinear`. ``QuantSelect`` holds a MoDeGPT layer
+(:class:`~rankwise.surgery.select.SelectLinear`, ``--method modegpt``) whose kept
+rows × columns block was quantised: gather the kept inputs, apply the inner
+:class:`QuantLinear`, scatter to the kept outputs — the same indices and flags as the
+SelectLinear it replaces.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from rankwise.quantization.pack import check_bits, pack, packed_size, unpack
 from rankwise.quantization.rtn import QuantizedWeight, dequantize, num_groups
 from rankwise.surgery.targets import Conv1D
 
-__all__ = ["QuantLinear", "QuantLowRank"]
+__all__ = ["QuantLinear", "QuantLowRank", "QuantSelect"]
 
 
 class QuantLinear(nn.Module):
@@ -269,13 +273,143 @@ class QuantLowRank(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+class QuantSelect(nn.Module):
+    """A MoDeGPT ``SelectLinear`` whose kept block (rows × cols) lives in ``inner``, a :class:`QuantLinear`.
+
+    ``inner`` is a plain ``nn.Linear(cols, rows)`` between :meth:`from_select` and quantisation
+    (it is what the calibration statistics are collected on: the gathered, compact inputs).
+    Forward, :meth:`dense_weight` and :meth:`to_dense` follow ``SelectLinear``: the out×in matrix
+    is zero outside rows ``out_index`` and columns ``in_index``. State-dict keys: ``inner.*``
+    (the packed tensors, bias and EoRA factors), ``out_index`` / ``in_index`` (int64).
+    """
+
+    layer_type = "quant_select"
+
+    def __init__(self, inner: nn.Module, in_features: int, out_features: int, *, select_out: bool, select_in: bool,
+                 scatter_out: bool = True, gather_in: bool = True) -> None:
+        super().__init__()
+        self.inner = inner
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.scatter_out = bool(scatter_out and select_out)
+        self.gather_in = bool(gather_in and select_in)
+        dev = next((t.device for t in (*inner.parameters(), *inner.buffers())), None)
+        self.out_index: torch.Tensor | None
+        self.in_index: torch.Tensor | None
+        self.register_buffer("out_index", torch.empty(inner.out_features, dtype=torch.long, device=dev)
+                             if select_out else None)
+        self.register_buffer("in_index", torch.empty(inner.in_features, dtype=torch.long, device=dev)
+                             if select_in else None)
+
+    @property
+    def rows(self) -> int:
+        return int(self.inner.out_features)
+
+    @property
+    def cols(self) -> int:
+        return int(self.inner.in_features)
+
+    @classmethod
+    def from_select(cls, layer: nn.Module) -> QuantSelect:
+        """Move a ``SelectLinear``'s block and bias into an ``nn.Linear(cols, rows)`` (ready to quantise)."""
+        w = layer.weight
+        inner = nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None, dtype=w.dtype, device=w.device)
+        out = cls(inner, layer.in_features, layer.out_features, select_out=layer.out_index is not None,
+                  select_in=layer.in_index is not None, scatter_out=layer.scatter_out, gather_in=layer.gather_in)
+        with torch.no_grad():
+            inner.weight.copy_(w)
+            if layer.bias is not None:
+                inner.bias.copy_(layer.bias)
+            for mine, theirs in ((out.out_index, layer.out_index), (out.in_index, layer.in_index)):
+                if mine is not None:
+                    mine.copy_(theirs)
+        inner.requires_grad_(False)
+        return out
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> QuantSelect:
+        """An empty layer of the shape ``spec`` describes (tensors and indices come from the state dict)."""
+        where = f"layer {spec.get('name', '?')}"
+        inner = spec.get("inner")
+        if not isinstance(inner, dict):
+            raise RankwiseError(f"{where}: the quantised MoDeGPT spec lacks its 'inner' layer; write the checkpoint "
+                                "again.")
+        flags = {k: spec.get(k, False) for k in ("select_out", "select_in", "scatter_out", "gather_in")}
+        if not all(isinstance(v, bool) for v in flags.values()):
+            raise RankwiseError(f"{where}: select_out/select_in/scatter_out/gather_in must be true or false, got "
+                                f"{flags}; the layer map is corrupt.")
+        try:
+            n, m = int(spec["in_features"]), int(spec["out_features"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RankwiseError(f"{where}: the quantised MoDeGPT spec lacks {exc}; write the checkpoint again.") \
+                from None
+        q = QuantLinear.from_spec(inner, dtype, device)
+        if q.out_features > m or q.in_features > n or (not flags["select_out"] and q.out_features != m) or (
+                not flags["select_in"] and q.in_features != n):
+            raise RankwiseError(f"{where}: inner block {q.out_features}×{q.in_features} does not fit the "
+                                f"{m}×{n} layer; the layer map is corrupt.")
+        return cls(q, n, m, **flags)
+
+    def spec(self) -> dict[str, Any]:
+        if not isinstance(self.inner, QuantLinear):
+            raise RankwiseError("QuantSelect.spec: the inner block is not quantised yet.")
+        return {"type": self.layer_type, "in_features": self.in_features, "out_features": self.out_features,
+                "rows": self.rows, "cols": self.cols, "select_out": self.out_index is not None,
+                "select_in": self.in_index is not None, "scatter_out": self.scatter_out,
+                "gather_in": self.gather_in, "inner": self.inner.spec()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gather_in and self.in_index is not None:
+            x = x.index_select(-1, self.in_index)
+        y = self.inner(x)
+        if self.scatter_out and self.out_index is not None:
+            out = y.new_zeros(*y.shape[:-1], self.out_features)
+            return out.index_copy_(-1, self.out_index, y)
+        return y
+
+    @torch.no_grad()
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The out_features × in_features matrix (Ŵ + B A in the kept block, zeros elsewhere)."""
+        inner = self.inner
+        block = inner.dense_weight(torch.float32) if isinstance(inner, QuantLinear) else inner.weight.float()
+        W = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=block.device)
+        rows = self.out_index if self.out_index is not None else torch.arange(self.out_features, device=W.device)
+        cols = self.in_index if self.in_index is not None else torch.arange(self.in_features, device=W.device)
+        W[rows[:, None], cols[None, :]] = block
+        return W.to(dtype or self._float_dtype())
+
+    def _float_dtype(self) -> torch.dtype:
+        """The dtype of the layer's floating tensors (the model's dtype)."""
+        inner = self.inner
+        if isinstance(inner, QuantLinear):
+            return next((t.dtype for t in (inner.eora_A, inner.bias) if t is not None), inner._dtype)
+        return inner.weight.dtype
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Linear:
+        """``nn.Linear(in_features, out_features)`` (exact when every MoDeGPT layer is densified at once)."""
+        bias = self.inner.bias
+        w = self.dense_weight()
+        lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
+        lin.weight.copy_(w)
+        if bias is not None:
+            b = torch.zeros(self.out_features, dtype=w.dtype, device=w.device)
+            b[self.out_index if self.out_index is not None else slice(None)] = bias.to(w.dtype)
+            lin.bias.copy_(b)
+        return lin
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rows={self.rows}, "
+                f"cols={self.cols}, scatter_out={self.scatter_out}, gather_in={self.gather_in}")
+
+
 def _register() -> None:
-    """Register both layer types with the checkpoint layer-type registry (when the tree has it)."""
+    """Register the layer types with the checkpoint layer-type registry (when the tree has it)."""
     try:
         from rankwise.surgery.layers import LAYER_TYPES
     except ImportError:  # pragma: no cover - older tree without the registry: rankwise.quantization.io loads them
         return
-    for cls in (QuantLinear, QuantLowRank):
+    for cls in (QuantLinear, QuantLowRank, QuantSelect):
         if cls.layer_type not in LAYER_TYPES.names():
             LAYER_TYPES.register(cls.layer_type, cls)
 
