@@ -250,19 +250,40 @@ def _row(rows: list[dict], label: str) -> dict | None:
     return next((r for r in rows if r["label"] == label), None)
 
 
+def _geo(r: dict) -> float:
+    """Geometric mean of the PTB and BBC test perplexities (the picture's y axis)."""
+    return (r["ppl_ptb"] * r["ppl_bbc"]) ** 0.5
+
+
+def pareto(rows: list[dict], x_of, smaller_x: bool = True) -> list[dict]:
+    """The rows no other row beats on both x (smaller bytes / higher speed) and perplexity, best x first."""
+    front, best = [], float("inf")
+    for r in sorted(rows, key=lambda r: x_of(r) if smaller_x else -x_of(r)):
+        if _geo(r) < best:
+            front.append(r)
+            best = _geo(r)
+    return front
+
+
+FAMILIES = ("dense", "quant", "quant+eora", "lowrank", "lowrank+quant")
+
+
 def goals(rows: list[dict]) -> dict:
     """The issue's goals, each with the numbers behind it and met / not met (GPTQ: every 3-bit variant measured)."""
     out: dict = {}
     dense = _row(rows, "dense fp32")
     bases = [r["label"] for r in rows if r.get("bits") == 3 and r.get("eora_rank") == 0 and "ratio" not in r]
     for base in bases:
-        q, e = _row(rows, base), _row(rows, f"{base} + EoRA 32")
-        if dense and q and e:
-            closed = {s: (q[f"ppl_{s}"] - e[f"ppl_{s}"]) / (q[f"ppl_{s}"] - dense[f"ppl_{s}"]) for s in ("ptb", "bbc")}
-            out[f"eora32_closes_40pct_of_3bit_gap [{base}]"] = {"closed": closed,
-                                                               "met": all(v >= 0.4 for v in closed.values())}
+        q = _row(rows, base)
+        for e in (x for x in rows if x.get("eora_rank") == 32 and x["label"].startswith(f"{base} + EoRA 32")):
+            if dense and q:
+                closed = {s: (q[f"ppl_{s}"] - e[f"ppl_{s}"]) / (q[f"ppl_{s}"] - dense[f"ppl_{s}"])
+                          for s in ("ptb", "bbc")}
+                out[f"eora32_closes_40pct_of_3bit_gap [{e['label']}]"] = {
+                    "base": base, "closed": closed, "met": all(v >= 0.4 for v in closed.values())}
     r = _row(rows, "rtn 3-bit")
-    for g in (x for x in rows if x.get("method") == "gptq" and x.get("bits") == 3 and x.get("eora_rank") == 0):
+    for g in (x for x in rows if x.get("method") == "gptq" and x.get("bits") == 3 and x.get("eora_rank") == 0
+              and "ratio" not in x):
         if r:
             out[f"gptq_3bit_beats_rtn_3bit [{g['label']}]"] = {
                 "gptq": [g["ppl_ptb"], g["ppl_bbc"]], "rtn": [r["ppl_ptb"], r["ppl_bbc"]],
@@ -270,6 +291,26 @@ def goals(rows: list[dict]) -> dict:
     if r and r.get("bytes_vs_fp32"):
         out["3bit_bytes_at_most_0.40x_fp32"] = {"label": r["label"], "ratio": r["bytes_vs_fp32"],
                                                 "met": r["bytes_vs_fp32"] <= 0.40}
+    # the picture: every family of the issue present; the Pareto front (by bytes on disk) says who wins at each size
+    present = sorted({x["kind"] for x in rows})
+    front = pareto([x for x in rows if x["ppl_ptb"] < 1e3], lambda x: x["disk_bytes"])
+    out["pareto_picture_shows_every_family"] = {
+        "families_present": present, "missing": [f for f in FAMILIES if f not in present],
+        "front_by_bytes": [[x["label"], round(x["disk_bytes"] / 2**20, 1), round(_geo(x), 2)] for x in front],
+        "met": all(f in present for f in FAMILIES)}
+    return out
+
+
+def side_goals(rows: list[dict]) -> dict:
+    """Beyond the issue's goals: GPTQ against RTN at every width measured (default GPTQ setting, no EoRA)."""
+    out = {}
+    for bits in (8, 4, 3, 2):
+        r = _row(rows, f"rtn {bits}-bit")
+        g = _row(rows, f"gptq {bits}-bit [mix-act]")
+        if r and g:
+            out[f"gptq_beats_rtn_at_{bits}bit"] = {"gptq": [g["ppl_ptb"], g["ppl_bbc"]],
+                                                 "rtn": [r["ppl_ptb"], r["ppl_bbc"]],
+                                                 "met": g["ppl_ptb"] < r["ppl_ptb"] and g["ppl_bbc"] < r["ppl_bbc"]}
     return out
 
 
@@ -296,19 +337,8 @@ def plot(rows: list[dict]) -> None:
             short = r["label"].replace("EoRA ", "E").replace(" + gptq 4-bit", "+q4").replace("low rank ", "")
             ax.annotate(short, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         # Pareto front: smaller size (or higher speed) and lower perplexity
-        if ax is axes[0]:
-            front, best = [], float("inf")
-            for x, y, _r in sorted(pts, key=lambda p: p[0]):
-                if y < best:
-                    front.append((x, y))
-                    best = y
-        else:
-            front, best = [], float("inf")
-            for x, y, _r in sorted(pts, key=lambda p: -p[0]):
-                if y < best:
-                    front.append((x, y))
-                    best = y
-        ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=0.8, label="Pareto front")
+        front = pareto([p[2] for p in pts], x_of, smaller_x=ax is axes[0])
+        ax.plot([x_of(r) for r in front], [_geo(r) for r in front], "k--", lw=0.8, label="Pareto front")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("perplexity (geometric mean of PTB and BBC test)")
         ax.set_yscale("log")
@@ -345,9 +375,11 @@ def merge_and_plot(previous: str | None) -> None:
         if dense:
             r["bytes_vs_fp32"] = r["disk_bytes"] / dense["disk_bytes"]
     data["goals"] = goals(data["rows"])
+    data["side_goals"] = side_goals(data["rows"])
     data["default_choice"] = default_choice(data["rows"])
     write_result(NAME, data)
-    print(json.dumps({"goals": data["goals"], "default_choice": data["default_choice"]}, indent=1))
+    print(json.dumps({"goals": data["goals"], "side_goals": data["side_goals"],
+                      "default_choice": data["default_choice"]}, indent=1))
     table(data["rows"])
     plot(data["rows"])
 
@@ -366,9 +398,14 @@ def table(rows: list[dict]) -> None:
     def cell(r: dict, k: str, fmt: str = "{:.2f}") -> str:
         return fmt.format(r[k]) if r.get(k) is not None else "–"
 
-    for r in rows:
+    def order(r: dict) -> tuple:
+        return (r.get("ratio", 0), FAMILIES.index(r["kind"]) if r["kind"] in FAMILIES else 9, -r.get("bits", 99),
+                r.get("method", ""), r.get("eora_rank", 0), r["label"])
+
+    for r in sorted(rows, key=order):
         f = functools.partial(cell, r)
-        print(f"| {r['label']} | {f('ppl_ptb')} | {f('ppl_bbc')} | {f('valid_ptb')} | {f('valid_bbc')} | "
+        mark = " †" if str(r.get("source", "")).startswith("previous") else ""
+        print(f"| {r['label']}{mark} | {f('ppl_ptb')} | {f('ppl_bbc')} | {f('valid_ptb')} | {f('valid_bbc')} | "
               f"{r['disk_bytes'] / 2**20:.1f} | {f('bytes_vs_fp32', '{:.3f}')} | {f('prefill_vs_dense')} | "
               f"{f('quant_seconds', '{:.0f}')} |")
 
