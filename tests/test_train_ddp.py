@@ -53,6 +53,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
             results[f"{projection}-{fira}"] = {"params": flat, "losses": losses}
         results["cuttlefish"] = _cuttlefish(rank)
+        results["regimes"] = _regimes()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -99,6 +100,40 @@ def _cuttlefish(rank: int) -> dict:
     return out
 
 
+def _regimes() -> dict:
+    """Every regime through the one training loop under DDP (the Trainer wraps the regime's model; run after
+    _cuttlefish, which set the torchrun environment): ReLoRA merges at steps 2 and 4 inside the run."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rankwise.train.regimes.base import build_regime
+    from rankwise.training import TrainConfig, lm_collate, train
+
+    g = torch.Generator().manual_seed(300)
+    rows = [{"input_ids": (x := torch.randint(0, 64, (16,), generator=g)), "labels": x} for _ in range(24)]
+    out = {}
+    for name in ("sltrain", "relora", "lost"):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                             num_key_value_heads=2, num_hidden_layers=1, vocab_size=64))
+        regime = build_regime(name, rank=4, sparse_density=0.1, relora_every=2, relora_warmup=1, seed=0)
+        regime.prepare(model)
+        init = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        seen: list[torch.Tensor] = []  # the windows this process trained on
+
+        def collate(batch, seen=seen):
+            out = lm_collate(batch)
+            seen.append(out["input_ids"].clone())
+            return out
+
+        train(model, rows, TrainConfig(steps=5, batch_size=2, seed=0), lr=1e-2, optimizer=opt, collator=collate,
+              scheduler=regime.scheduler(opt, 5), callbacks=regime.callbacks(), progress=False)
+        out[name] = {"init": init, "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                     "batches": torch.cat(seen),
+                     "merges": [e["step"] for e in regime.callback.events] if name == "relora" else []}
+    return out
+
+
 class _AtStep(TrainerCallback):
     """Trainer callback keeping a copy of the factors after step ``step`` (run after Cuttlefish's switch)."""
 
@@ -120,7 +155,7 @@ def ranks(tmp_path_factory):
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ddp_two_ranks_keep_identical_parameters(ranks) -> None:
     r0, r1 = ranks
-    r0 = {k: v for k, v in r0.items() if k != "cuttlefish"}
+    r0 = {k: v for k, v in r0.items() if k not in ("cuttlefish", "regimes")}
     for key in r0:
         assert r0[key]["losses"] != r1[key]["losses"], key  # the ranks really saw different batches
         torch.testing.assert_close(r0[key]["params"], r1[key]["params"], atol=0, rtol=0, msg=key)
@@ -142,3 +177,21 @@ def test_cuttlefish_under_ddp_keeps_processes_identical(ranks) -> None:
     u0, u1 = c0["unsynced"], c1["unsynced"]
     drift = [n for n, p in u0["params"].items() if not torch.equal(p, u1["params"][n])]
     assert any(".A." in n or ".B." in n for n in drift), drift
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("regime", ["sltrain", "relora", "lost"])
+def test_regimes_under_ddp_keep_processes_identical(ranks, regime) -> None:
+    """SLTrain's sparse values, ReLoRA's merges (frozen W changed outside autograd, factors restarted, moments pruned)
+    and LOST's split all stay bitwise identical on two processes that saw different batches."""
+    a, b = ranks[0]["regimes"][regime], ranks[1]["regimes"][regime]
+    assert a["batches"].shape == b["batches"].shape and not torch.equal(a["batches"], b["batches"])  # own shares
+    assert set(a["params"]) == set(b["params"])
+    for name, p in a["params"].items():
+        assert torch.equal(p, b["params"][name]), name
+    moved = [n for n, p in a["params"].items() if not torch.equal(p, a["init"][n])]
+    assert moved, "training did not change the weights"
+    if regime == "relora":
+        assert a["merges"] == b["merges"] == [2, 4]
+        frozen = [n for n in a["params"] if n.endswith("proj.weight")]  # ReLoRALinear's frozen W: merged into
+        assert frozen and all(not torch.equal(a["params"][n], a["init"][n]) for n in frozen)
