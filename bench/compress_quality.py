@@ -8,16 +8,23 @@ Rows are configuration dicts passed to ``CompressConfig(**row)`` (so a new lever
   calibration to differ from whitened truncation, so the row is anchor + sequential), ``+refine``
   (block refinement), ``+calib`` (calibration mixture ptb+bbc), ``+guard`` (speed guard);
 * ``new default``: ``CompressConfig()``'s defaults as they are in the tree (or ``--new-default``);
+  ``new+refine``: the new default + block refinement (``--refine-steps``/``--refine-lr``), a candidate default;
 * ``modegpt``: MoDeGPT; ``+healing``: the new default + LoRA healing (reported apart: it trains).
 
 Rows whose fields do not exist in ``CompressConfig`` (yet) are skipped with a printed note.
 Evaluation: the first 4,096 tokens of PTB and BBC of the chosen split(s) in 512-token windows,
 BOS prepended; ``--split valid`` (PTB valid + the BBC valid slice: choose defaults on these) or
-``test`` (the tables), or ``valid,test`` (each model compressed once, evaluated on both).
-Calibration is always train text. Reduced grid by default (the CPU is shared by 8 engineers): all
+``test`` (the tables), or ``valid,test`` (each model compressed once, evaluated on both);
+``--test-only svd-llm,today`` evaluates those rows on the test split alone (they are no candidates for a
+default, so their validation numbers would only cost time). ``--dense-from RUN.json`` takes the dense
+perplexities from an earlier run with the same model and protocol instead of measuring them again.
+Calibration is always train text (the row's ``calib``; CompressConfig's default ptb+bbc unless a row names
+one). Reduced grid by default (the CPU is shared by 8 engineers): all
 rows at ρ = 0.2 and 0.4, ``svd-llm`` and ``new default`` also at ρ = 0.1, 0.3, 0.5 (``--all-ratios``
 for every row at every ρ). Non-sequential rows with the same method and calibration share one
-calibration pass (``stats_cache``); their ``compress_s`` then excludes it (``cached`` in the row).
+calibration pass (``stats_cache``); their ``compress_s`` then excludes it (``cached`` in the row). Rows with block
+refinement read the cache only in the spectra pass (their factorisation pass walks the data: it needs the blocks'
+inputs); the cache holds the dense model's statistics (non-sequential walks feed every block dense inputs).
 With ``--time-goal``, at ρ = 0.2 ``today`` and ``new default`` never read the cache, so their times compare (goal: new ≤
 2× today; process CPU seconds are recorded beside wall seconds, the machine is shared). A row whose
 resolved configuration equals an earlier row's at the same ρ is not recomputed (``same_as``).
@@ -38,6 +45,7 @@ import dataclasses
 import gc
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -67,6 +75,7 @@ TODAY = {"method": "whiten", "alloc": "global", "sequential": False, "calib": "p
 def rows_spec(args) -> dict[str, dict]:
     """Tag → configuration dict (before the ratio). ``new`` comes from the dataclass unless overridden."""
     new = parse_kv(args.new_default) if args.new_default else {}
+    refine_lr = {"refine_lr": args.refine_lr} if args.refine_lr else {}
     return {  # in the order they run at each ratio: the cheap, shared-calibration rows first
         "svd-llm": dict(SVD_LLM),
         "today": dict(TODAY),
@@ -74,7 +83,8 @@ def rows_spec(args) -> dict[str, dict]:
         "new": new,
         "+calib": {**TODAY, "calib": args.calib_mix},
         "+anchor": {**TODAY, "anchor": True, "sequential": True},
-        "+refine": {**TODAY, "refine_steps": args.refine_steps},
+        "+refine": {**TODAY, "refine_steps": args.refine_steps, **refine_lr},
+        "new+refine": {**new, "refine_steps": args.refine_steps, **refine_lr},
         "modegpt": {"method": "modegpt", **parse_kv(args.modegpt)},
         "+healing": {**new, "heal_steps": args.heal_steps},
     }
@@ -83,7 +93,7 @@ def rows_spec(args) -> dict[str, dict]:
 LABELS = {"svd-llm": "SVD-LLM setting (whiten + uniform)", "today": "today's default (round 2)",
           "+anchor": "today + anchor (+ sequential)", "+refine": "today + block refinement",
           "+calib": "today + calibration mixture", "+guard": "today + speed guard", "new": "new default",
-          "modegpt": "MoDeGPT", "+healing": "new default + healing"}
+          "new+refine": "new default + block refinement", "modegpt": "MoDeGPT", "+healing": "new default + healing"}
 FULL_RATIO_ROWS = ("svd-llm", "new")
 UNCACHED = ("today", "new")  # at TIME_RATIO these two always run their own calibration pass (their times compare)
 TIME_RATIO = 0.2
@@ -129,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--all-ratios", action="store_true", help="every row at every ratio (not the reduced grid)")
     ap.add_argument("--only", action="append", help="key=value,... one extra configuration (repeatable)")
     ap.add_argument("--new-default", default="", help="key=value,... the new default if not yet CompressConfig's")
-    ap.add_argument("--refine-steps", type=int, default=12, help="refine_steps of the +refine row")
+    ap.add_argument("--refine-steps", type=int, default=12, help="refine_steps of the +refine and new+refine rows")
+    ap.add_argument("--refine-lr", type=float, default=None,
+                    help="refine_lr of the +refine and new+refine rows (default: CompressConfig's)")
+    ap.add_argument("--test-only", default="", help="comma list of row tags evaluated on the test split only")
+    ap.add_argument("--dense-from", default=None, metavar="JSON",
+                    help="dense perplexities from an earlier run of this script (same model, tokens, seq-len)")
     ap.add_argument("--heal-steps", type=int, default=50, help="heal_steps of the +healing row")
     ap.add_argument("--calib-mix", default="ptb+bbc", help="calib of the +calib row")
     ap.add_argument("--modegpt", default="", help="key=value,... extra fields of the modegpt row (sequential=True)")
@@ -159,16 +174,23 @@ def main(argv: list[str] | None = None) -> int:
     base = load_model(args.model)
     texts = {(s, name): load_text(name, s) for s in splits for name in TEXTS}
 
-    def evaluate(model) -> dict:
+    test_only = {t.strip() for t in args.test_only.split(",") if t.strip()}
+    if test_only and "test" not in splits:
+        raise SystemExit("--test-only needs the test split in --split")
+
+    def evaluate(model, only: tuple[str, ...] | None = None) -> dict:
         out: dict = {}
         for (s, name), text in texts.items():
+            if only is not None and s not in only:
+                continue
             out.setdefault(s, {})[name] = perplexity(model, tok, text, seq_len=args.seq_len, max_tokens=args.tokens,
                                                      name=f"{name}:{s}").perplexity
         return out
 
     t = time.perf_counter()
-    dense = evaluate(base)
-    print(f"dense: {dense} ({time.perf_counter() - t:.0f}s)", file=sys.stderr, flush=True)
+    dense = dense_from(args, splits) if args.dense_from else evaluate(base)
+    print(f"dense: {dense} ({time.perf_counter() - t:.0f}s{', from ' + args.dense_from if args.dense_from else ''})",
+          file=sys.stderr, flush=True)
     caches: dict[tuple, dict] = {}
     rows: list[dict] = []
     data = {"model": args.model, "splits": splits, "notes": notes, "dense": dense, "rows": rows, "run": info,
@@ -187,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
             annotate(data)
             save(args.out, data)
             continue
-        reusable = not cfg["sequential"] and not cfg.get("anchor") and not cfg.get("refine_steps") \
-            and cfg["method"] != "modegpt"
+        # refinement reads the cache in its spectra pass only (its factorisation pass walks the data); the cache
+        # holds dense statistics, which is what every non-sequential walk collects
+        reusable = not cfg["sequential"] and not cfg.get("anchor") and cfg["method"] != "modegpt"
         key = (cfg["method"], cfg["calib"], cfg["skip_first"], cfg["calib_samples"], cfg["seq_len"], cfg["seed"],
                cfg.get("compute_dtype"))
         cache = caches.setdefault(key, {}) if reusable else None
@@ -199,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         res = compress(model, config, tokenizer=tok, stats_cache=cache if (cached or not cache) else None)
         cpu_s = time.process_time() - cpu0
         t = time.perf_counter()
-        ppl = evaluate(model)
+        ppl = evaluate(model, ("test",) if tag in test_only else None)
         guard = (getattr(model, "rankwise_meta", {}) or {}).get("allocation_info", {})
         row = {
             "tag": tag, "label": LABELS.get(tag, tag), "ratio": config.ratio,
@@ -213,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         done[ident] = row
         print(f"[{i + 1}/{len(grid)}] {tag:10s} ρ={config.ratio} → " + "  ".join(
-            f"{s}: PTB {ppl[s]['ptb']:.1f} BBC {ppl[s]['bbc']:.1f}" for s in splits)
+            f"{s}: PTB {ppl[s]['ptb']:.1f} BBC {ppl[s]['bbc']:.1f}" for s in ppl)
             + f" ({res.seconds:.0f}s{' cached' if cached else ''} + {row['eval_s']:.0f}s)", file=sys.stderr, flush=True)
         del model
         gc.collect()
@@ -223,10 +246,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def dense_from(args, splits: list[str]) -> dict:
+    """Dense perplexities of ``splits`` from an earlier result file, refused unless its protocol matches."""
+    prev = json.loads(Path(args.dense_from).read_text())
+    def plain(text: str) -> str:  # the protocol without the list of splits
+        return re.sub(r" \([^)]*split\)", "", text)
+
+    want = plain(protocol(args)["eval"])
+    have = plain((prev.get("protocol") or {}).get("eval", ""))
+    if prev.get("model") != args.model or have != want:
+        raise SystemExit(f"--dense-from {args.dense_from}: model/protocol {prev.get('model')!r}/{have!r} differ from "
+                         f"{args.model!r}/{want!r}")
+    missing = [s for s in splits if s not in prev.get("dense", {})]
+    if missing:
+        raise SystemExit(f"--dense-from {args.dense_from} has no dense perplexity on the {', '.join(missing)} split")
+    return {s: prev["dense"][s] for s in splits}
+
+
 def protocol(args) -> dict:
     return {"eval": f"first {args.tokens} tokens of ptb and bbc ({', '.join(args.split.split(','))} split), "
                     f"{args.seq_len}-token windows, BOS prepended",
-            "calibration": "train split of the row's calib (default ptb), 32 windows x 256 tokens, seed 0",
+            "calibration": "train split of the row's calib (default: CompressConfig's, "
+                           f"{CompressConfig.calib}), 32 windows x 256 tokens, seed 0",
             "grid": "reduced: every row at rho 0.2 and 0.4; svd-llm and new default also at 0.1, 0.3, 0.5"
                     if not args.all_ratios else "every row at every ratio",
             "goals": {str(k): {"ptb_max_x_dense": v[0], "bbc_max_x_dense": v[1]} for k, v in GOALS.items()},
@@ -242,7 +283,8 @@ def annotate(data: dict) -> None:
         base = next((b for b in rows if b["tag"] == "svd-llm" and b["ratio"] == r["ratio"]
                      and b.get("process") == r.get("process")), None)
         if base is not None:
-            r["x_svd_llm"] = {s: {t: r["ppl"][s][t] / base["ppl"][s][t] for t in TEXTS} for s in r["ppl"]}
+            r["x_svd_llm"] = {s: {t: r["ppl"][s][t] / base["ppl"][s][t] for t in TEXTS}
+                              for s in r["ppl"] if s in base["ppl"]}
         goal = GOALS.get(round(r["ratio"], 6))
         if goal is not None and not r.get("heal_steps"):
             r["goal"] = {s: {"ptb": r["x_dense"][s]["ptb"] <= goal[0], "bbc": r["x_dense"][s]["bbc"] <= goal[1]}
