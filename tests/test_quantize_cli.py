@@ -110,8 +110,10 @@ def test_cli_unknown_method_lists_the_choices(tiny_dir, tmp_path, capsys):
 def test_cli_eval_measures_a_quantized_folder(quantized_dir, tmp_path, capsys):
     out, dense, _ = quantized_dir
     calib = CALIB[1]
-    rc = main(["eval", str(out), str(dense), "--text", calib, "--tokens", "128", "--seq-len", "32", "--json", "-"])
+    rc = main(["eval", str(out), str(dense), "--text", calib, "--tokens", "128", "--seq-len", "32", "--json", "-",
+               "--plot", str(tmp_path / "pareto.png")])
     assert rc == 0
+    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the one picture, packed folder on it
     data = json.loads(capsys.readouterr().out)
     models = data["models"] if isinstance(data, dict) and "models" in data else data
     ppl = [m["perplexity"][calib]["perplexity"] if isinstance(m["perplexity"], dict) and calib in m["perplexity"]
