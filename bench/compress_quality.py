@@ -115,10 +115,19 @@ def build_grid(args) -> tuple[list[dict], list[str]]:
     if bad:
         raise SystemExit(f"unknown rows {bad}; choose from {', '.join(spec)}")
     ratios = [float(r) for r in args.ratios.split(",")] if args.ratios else list(ALL_RATIOS)
+    skip = set()
+    for item in filter(None, (x.strip() for x in args.skip.split(","))):
+        tag, _, ratio = item.partition("@")
+        try:
+            skip.add((tag, round(float(ratio), 6)))
+        except ValueError:
+            raise SystemExit(f"--skip takes TAG@RATIO items, got {item!r}") from None
     grid, notes = [], []
     for ratio in ratios:
         for tag in chosen:
             if not (args.all_ratios or args.only or ratio in REDUCED_RATIOS or tag in FULL_RATIO_ROWS):
+                continue
+            if (tag, round(ratio, 6)) in skip:
                 continue
             missing = known(spec[tag])
             if missing:
@@ -142,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--refine-steps", type=int, default=12, help="refine_steps of the +refine and new+refine rows")
     ap.add_argument("--refine-lr", type=float, default=None,
                     help="refine_lr of the +refine and new+refine rows (default: CompressConfig's)")
+    ap.add_argument("--skip", default="", help="comma list of TAG@RATIO rows left out (measured in another run)")
     ap.add_argument("--test-only", default="", help="comma list of row tags evaluated on the test split only")
     ap.add_argument("--dense-from", default=None, metavar="JSON",
                     help="dense perplexities from an earlier run of this script (same model, tokens, seq-len)")
