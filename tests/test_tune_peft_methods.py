@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -203,3 +204,78 @@ def test_corda_covariances_equal_peft_own_and_work_on_an_encoder_pooler():
     assert covs["bert.pooler.dense"].shape == (32, 32)  # PEFT's own hook: a 0-d tensor here
     pm = apply(bert, AdapterConfig(method="corda", rank=4, modules_to_save="^classifier$"), data=rows, progress=False)
     assert is_peft_model(pm) and trainable_parameters(pm) > 0
+
+
+def _tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=64, num_labels=3)).eval()
+
+
+def _bert_batches(lengths=(12, 9, 12, 7)) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(6)
+    return [{"input_ids": torch.randint(1, 96, (2, n), generator=g),
+             "attention_mask": torch.ones(2, n, dtype=torch.long), "labels": torch.tensor([0, 2])} for n in lengths]
+
+
+def test_eva_batches_grouped_padded_and_masked():
+    """Init batches are concatenated into groups of >= rows sequences; shorter ones right-padded and masked out."""
+    from rankwise.tune.peft_backend import _eva_batches
+
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in _bert_batches()]
+    assert _eva_batches(batches, 2) is batches  # already big enough: PEFT gets them unchanged
+    groups = _eva_batches(batches, 4)
+    assert [tuple(g["input_ids"].shape) for g in groups] == [(4, 12), (4, 12)]
+    assert torch.equal(groups[0]["input_ids"][2:, :9], batches[1]["input_ids"])
+    assert torch.equal(groups[1]["attention_mask"][2:].sum(1), torch.tensor([7, 7]))  # padding masked out
+    assert torch.equal(groups[1]["input_ids"][2:, 7:], torch.zeros(2, 5, dtype=torch.long))
+    assert [len(g["input_ids"]) for g in _eva_batches(batches, 6)] == [8]  # the short tail joins the group before
+    lm = _eva_batches([{"input_ids": IDS}, {"input_ids": IDS[:, :5]}], 4)[0]  # no mask given: one is made
+    assert lm["attention_mask"].sum() == 2 * 12 + 2 * 5
+    assert [len(g["input_ids"]) for g in _eva_batches(batches, 10)] == [8]  # too few in all: one batch
+
+
+def test_eva_on_an_encoder_with_a_pooler_finishes(monkeypatch):
+    """BERT's pooler sees one vector per sequence: with batches of 2 sequences and 2r = 4 components PEFT's EVA
+    skipped its SVD every step and cycled forever (the missing BBC row). Grouped batches let it converge; PEFT's
+    loop is also capped with a one-line error."""
+    import rankwise.tune.peft_backend as pb
+
+    bert = _tiny_bert()
+    ref = bert(**{k: v for k, v in _bert_batches()[0].items() if k != "labels"}).logits
+    pm = apply(bert, AdapterConfig(method="eva", rank=2, modules_to_save="^classifier$"), data=_bert_batches(),
+               progress=False)
+    assert "bert.pooler.dense" in pm.rankwise_adapter["targets"]
+    out = pm.eval()(**{k: v for k, v in _bert_batches()[0].items() if k != "labels"}).logits
+    assert torch.allclose(out, ref, atol=1e-5)  # EVA's B starts at 0: the function is kept
+    assert trainable_parameters(pm) == closed_form_trainable(pm) > 0
+    monkeypatch.setattr(pb, "EVA_MAX_PASSES", 0)
+    with pytest.raises(RankwiseError, match=r"eva: PEFT's incremental SVD did not converge .* in 0 forwards"):
+        apply(_tiny_bert(), AdapterConfig(method="eva", rank=2, modules_to_save="^classifier$"),
+              data=_bert_batches(), progress=False)
+
+
+def test_loftq_without_bitsandbytes_or_cuda_is_one_line_error(monkeypatch, tmp_path, capsys):
+    """PEFT 0.21's LoftQ init needs bitsandbytes and a CUDA/XPU device (no CPU path): rankwise says which is
+    missing, in the API and in the CLI before any model is loaded."""
+    import rankwise.io.models as models
+    from rankwise.cli.main import main
+    from rankwise.tune.peft_backend import loftq_missing
+
+    missing = loftq_missing()
+    if not missing:
+        pytest.skip("this machine can run PEFT's LoftQ")
+    want = "loftq needs " + " and ".join(missing)
+    with pytest.raises(RankwiseError, match=re.escape(want)):
+        apply(tiny_llama(), AdapterConfig(method="loftq", rank=2, targets=TARGETS), progress=False)
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the loftq check")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    assert main(["tune", "--method", "loftq", "--data", "ptb", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and want in err[0]
+    assert not (tmp_path / "o").exists()

@@ -83,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
             f"--export-peft supports {', '.join(PEFT_EXPORTABLE)} only; PEFT cannot represent a {cfg.method} "
             "adapter: use --merge DIR to write a dense folder instead."
         )
+    from rankwise.tune.peft_backend import PEFT_BUILDERS
+
+    if cfg.method in PEFT_BUILDERS:  # loftq: bitsandbytes + CUDA, said before the model loads
+        PEFT_BUILDERS[cfg.method].check_environment()
     outs = [o for o in (args.out, args.merge, args.export_peft) if o]
     if len({str(Path(o).resolve()) for o in outs}) != len(outs):
         raise RankwiseError("--out, --merge and --export-peft must be different folders.")

@@ -73,6 +73,68 @@ def _eva_layer_inputs(layer_input, model_input, layer_name):
     return prepare_layer_inputs_fn_language_modeling(layer_input, model_input, layer_name)
 
 
+EVA_RHO = 2.0
+"""EVA's ρ (PEFT's EvaConfig): each layer's incremental SVD keeps round(ρ·r) components."""
+EVA_MAX_PASSES = 50
+"""rankwise's cap on PEFT's EVA loop, in passes over the init batches (PEFT cycles until every layer converges)."""
+
+
+def _eva_batches(batches: list[dict[str, torch.Tensor]], rows: int) -> list[dict[str, torch.Tensor]]:
+    """The init batches concatenated into groups of at least ``rows`` sequences (the last group absorbs the rest).
+
+    PEFT's EVA skips a layer's SVD step when the layer sees fewer rows than components (round(ρ·r)) in one forward
+    and then cycles over the data until every layer converged: a layer fed one vector per sequence (an encoder's
+    pooler) with batches of fewer than round(ρ·r) sequences never converges, and PEFT's loop never ends. Sequences of
+    different lengths are right-padded with 0 and masked out (``attention_mask`` 0), which PEFT's token selection
+    drops. Batches that already hold ``rows`` sequences are returned as they are; fewer than ``rows`` sequences
+    in all make one batch (enough for layers that see every token; a pooler then hits :class:`_CappedForward`).
+    """
+    if all(len(b["input_ids"]) >= rows for b in batches):
+        return batches
+    groups: list[list[dict[str, torch.Tensor]]] = [[]]
+    count = 0
+    for b in batches:
+        if count >= rows:
+            groups.append([])
+            count = 0
+        groups[-1].append(b)
+        count += len(b["input_ids"])
+    if count < rows and len(groups) > 1:  # a short tail joins the group before it
+        tail = groups.pop()
+        groups[-1] += tail
+    out = []
+    for g in groups:
+        width = max(b["input_ids"].shape[1] for b in g)
+        padded = []
+        for b in g:
+            b = dict(b)
+            if "attention_mask" not in b:
+                b["attention_mask"] = torch.ones_like(b["input_ids"])
+            pad = width - b["input_ids"].shape[1]
+            if pad:
+                b = {k: torch.nn.functional.pad(v, (0, pad)) if v.dim() == 2 else v for k, v in b.items()}
+            padded.append(b)
+        out.append({k: torch.cat([b[k] for b in padded]) for k in padded[0]})
+    return out
+
+
+class _CappedForward:
+    """PEFT's EVA forward (``model(**inputs)``) that gives up with a one-line error after ``limit`` forwards."""
+
+    def __init__(self, limit: int, batches: int, rows: int) -> None:
+        self.limit, self.batches, self.rows, self.calls = limit, batches, rows, 0
+
+    def __call__(self, model: nn.Module, inputs: dict[str, torch.Tensor]):
+        self.calls += 1
+        if self.calls > self.limit:
+            raise RankwiseError(
+                f"eva: PEFT's incremental SVD did not converge for every layer in {self.limit} forwards "
+                f"({self.limit // self.batches} passes over {self.batches} init batches; a layer fed one vector per "
+                f"sequence, like an encoder's pooler, needs {self.rows} sequences per batch): raise --init-batches "
+                "or choose another method.")
+        return model(**inputs)
+
+
 @dataclass(frozen=True)
 class PeftMethod:
     """How one PEFT-backed method is configured, initialised and saved.
@@ -110,7 +172,7 @@ class PeftMethod:
             kw["init_lora_weights"] = "olora"
         elif self.name == "eva":
             kw["init_lora_weights"] = "eva"
-            kw["eva_config"] = peft.EvaConfig(rho=2.0)
+            kw["eva_config"] = peft.EvaConfig(rho=EVA_RHO)
         elif self.name == "corda":
             from peft.tuners.lora.config import CordaConfig
 
@@ -132,12 +194,18 @@ class PeftMethod:
                 )
 
     def check_environment(self) -> None:
-        if self.name == "loftq":
-            import importlib.util
+        """One-line error when this machine lacks what PEFT's implementation of the method needs (loftq).
 
-            if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
-                raise RankwiseError("PEFT's loftq quantises with bitsandbytes on a CUDA GPU; install bitsandbytes "
-                                    "and run on a GPU, or use olora / pissa on this machine.")
+        PEFT 0.21's ``loftq_init`` quantises W to NF4 with bitsandbytes only (its pure-torch NF4 quantizer was
+        removed in PEFT 0.20: "Native support for nf4 is was removed") and moves W to ``"cuda"`` (or ``"xpu"``)
+        unconditionally, so it needs both bitsandbytes and a CUDA/XPU device.
+        """
+        if self.name == "loftq":
+            missing = loftq_missing()
+            if missing:
+                raise RankwiseError(f"loftq needs {' and '.join(missing)}: PEFT {_peft().__version__}'s LoftQ init "
+                                    "quantises W with bitsandbytes on a CUDA/XPU device (no CPU path); use olora or "
+                                    "pissa on this machine.")
 
     # -- build ----------------------------------------------------------------------------------------
     def build(self, model: nn.Module, config, targets: list[tuple[str, nn.Module]], mts: list[str],
@@ -170,8 +238,11 @@ class PeftMethod:
         if self.name == "eva":
             from peft import initialize_lora_eva_weights
 
-            moved = [{k: v.to(device) for k, v in b.items() if k != "labels"} for b in batches]
+            rows = round(EVA_RHO * config.r)  # PEFT's n_components per layer
+            moved = [{k: v.to(device) for k, v in b.items() if k != "labels"}
+                     for b in _eva_batches([{k: v for k, v in b.items() if k != "labels"} for b in batches], rows)]
             initialize_lora_eva_weights(pm, moved, prepare_layer_inputs_fn=_eva_layer_inputs,
+                                        forward_fn=_CappedForward(EVA_MAX_PASSES * len(moved), len(moved), rows),
                                         show_progress_bar=progress)
         init_dir = None
         if self.converts:
@@ -212,6 +283,19 @@ PEFT_BUILDERS: dict[str, PeftMethod] = {
 }
 
 
+def loftq_missing() -> list[str]:
+    """What this machine lacks for PEFT's LoftQ init (empty when it can run): bitsandbytes, a CUDA/XPU device."""
+    import importlib.util
+
+    missing = []
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("bitsandbytes (pip install bitsandbytes)")
+    xpu = getattr(torch, "xpu", None)
+    if not torch.cuda.is_available() and not (xpu is not None and xpu.is_available()):
+        missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
+    return missing
+
+
 def method_of(model: nn.Module) -> PeftMethod:
     info = getattr(model, "rankwise_adapter", None)
     if info is None:
@@ -224,7 +308,11 @@ def closed_form_trainable(model: nn.Module) -> int:
     total = sum(pm.closed_form_params(layer) for layer in peft_layers(model).values()
                 if hasattr(layer, "r") and "default" in getattr(layer, "r", {}))
     for name in model.rankwise_adapter["modules_to_save"]:
-        total += sum(p.numel() for p in model.base_model.model.get_submodule(name).parameters())
+        sub = model.base_model.model.get_submodule(name)
+        copies = getattr(sub, "modules_to_save", None)  # PEFT's wrapper: the frozen original + the trained copy
+        if copies is not None and "default" in copies:
+            sub = copies["default"]
+        total += sum(p.numel() for p in sub.parameters())
     return total
 
 
