@@ -302,6 +302,7 @@ def print_tables(rows: list[dict[str, Any]]) -> str:
 
 def _windows(n_steps: int, width: int = 10, count: int = 3) -> list[tuple[int, int]]:
     """The last ``count`` windows of ``width`` steps ([start, end) step indices) of an ``n_steps`` run."""
+    count = max(1, min(count, n_steps))
     width = max(1, min(width, n_steps // count))
     return [(n_steps - width * (count - i), n_steps - width * (count - 1 - i)) for i in range(count)]
 
@@ -504,51 +505,60 @@ def main(argv: list[str] | None = None) -> int:
     test_text = load_text("ptb", "test")
     names = OPTIMIZERS + CALLBACKS if args.only is None else args.only.split(",")
     t_start = time.perf_counter()
-    rows = []
+    # AdamW's bytes on the projected matrices alone: 2 moments of each of them (+ its step counter)
+    model = build_model(config, args.seed)
+    groups = galore_param_groups(model, rank=args.rank)
+    adamw_proj = sum(2 * p.numel() * p.element_size() + 4 for p in groups[-1]["params"])
+    del model, groups
+    previous: dict[str, Any] | None = None
+    if args.append and Path(args.out).is_file():
+        previous = json.loads(Path(args.out).read_text())
+
+    def write(new_rows: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
+        """The report of the rows so far (written after every row, so a killed run keeps what it measured)."""
+        rows = list(new_rows)
+        if previous is not None:
+            rows = [r for r in previous["rows"] if r["name"] not in {x["name"] for x in rows}] + rows
+        table = print_tables(rows) if complete else ""
+        report = {
+            "benchmark": "train_memory",
+            "command": "python bench/train_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "complete": complete,
+            "settings": {k: v for k, v in vars(args).items() if k != "out"},
+            "model_architecture": args.model,
+            "layers": config.num_hidden_layers,
+            "run": info | {"load_avg_end": [round(x, 2) for x in os.getloadavg()]},
+            "tokens_per_step": args.batch_size * args.seq_len,
+            "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "platform": platform.platform(), "torch": torch.__version__,
+                        "load_avg_at_end": os.getloadavg()},
+            "total_seconds": time.perf_counter() - t_start,
+            "rows": rows,
+            "table_markdown": table,
+            "goals": check_goals(rows),
+        }
+        if previous is not None:
+            report["command"] = previous["command"] + " ; then: " + report["command"]
+            report["append_settings"] = report["settings"]
+            report["settings"] = previous["settings"]
+            report["total_seconds"] += previous.get("total_seconds", 0.0)
+        with atomic_file(args.out) as fh:
+            fh.write(json.dumps(report, indent=2) + "\n")
+        return report
+
+    rows: list[dict[str, Any]] = []
     for name in names:
         print(f"== {name}", file=sys.stderr, flush=True)
         row = run_one(name, config, tok, test_text, args)
         row["targeted_params"] = regime_params(config, regime_of(name)[0] or "dense", args)
         row["full_depth_params"] = regime_params(full_config, regime_of(name)[0] or "dense", args)
+        row["adamw_projected_bytes"] = adamw_proj
+        if previous is not None:
+            row["separate_process"] = True
         print(json.dumps({k: v for k, v in row.items() if k not in ("losses", "events")}), file=sys.stderr, flush=True)
         rows.append(row)
-    # AdamW's bytes on the projected matrices alone: 2 moments of each of them (+ its step counter)
-    model = build_model(config, args.seed)
-    groups = galore_param_groups(model, rank=args.rank)
-    adamw_proj = sum(2 * p.numel() * p.element_size() + 4 for p in groups[-1]["params"])
-    for r in rows:
-        r["adamw_projected_bytes"] = adamw_proj
-    del model
-    previous: dict[str, Any] | None = None
-    if args.append and Path(args.out).is_file():
-        previous = json.loads(Path(args.out).read_text())
-        for r in rows:
-            r["separate_process"] = True
-        rows = [r for r in previous["rows"] if r["name"] not in {x["name"] for x in rows}] + rows
-    table = print_tables(rows)
-    report = {
-        "benchmark": "train_memory",
-        "command": "python bench/train_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "model_architecture": args.model,
-        "layers": config.num_hidden_layers,
-        "run": info | {"load_avg_end": [round(x, 2) for x in os.getloadavg()]},
-        "tokens_per_step": args.batch_size * args.seq_len,
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "platform": platform.platform(), "torch": torch.__version__,
-                    "load_avg_at_end": os.getloadavg()},
-        "total_seconds": time.perf_counter() - t_start,
-        "rows": rows,
-        "table_markdown": table,
-        "goals": check_goals(rows),
-    }
-    if previous is not None:
-        report["command"] = previous["command"] + " ; then: " + report["command"]
-        report["append_settings"] = report["settings"]
-        report["settings"] = previous["settings"]
-        report["total_seconds"] += previous.get("total_seconds", 0.0)
-    with atomic_file(args.out) as fh:
-        fh.write(json.dumps(report, indent=2) + "\n")
+        write(rows, complete=False)
+    report = write(rows, complete=True)
     print(f"wrote {args.out} in {report['total_seconds'] / 60:.1f} min", file=sys.stderr)
     return 0
 
