@@ -140,7 +140,7 @@ def build_grid(args) -> tuple[list[dict], list[str]]:
     return grid, notes
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--split", default="valid", help="valid, test, or valid,test (compress once, evaluate on both)")
     ap.add_argument("--rows", default="all", help="comma list of row tags (default all): " + ", ".join(LABELS))
@@ -168,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="compress_quality", help="result name under bench/results (or a .json path)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0 = torch's default); 1 is much faster on a machine shared with other jobs")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     splits = [s.strip() for s in args.split.split(",")]
     if any(s not in ("valid", "test") for s in splits):
         raise SystemExit(f"--split must be valid, test or valid,test, got {args.split!r}")
