@@ -165,6 +165,87 @@ def part_classify(a: argparse.Namespace) -> dict[str, Any]:
                       "epochs": 1, "steps": steps, "rank": a.rank, "alpha": 2 * a.rank, "seeds": [0]}}
 
 
+# -- classification, learning-rate grid x seeds ---------------------------------------------------
+def part_classify_grid(a: argparse.Namespace) -> dict[str, Any]:
+    """The issue's protocol on the ``classify`` setup, for ``--methods`` (+ LoRA at r/2): every base LR of
+    ``--cls-lrs`` (× the method's CLI multiplier) × every seed of ``--seeds``; each run scored on the validation
+    slice and on test. Per method the LR with the best *validation* accuracy (mean over seeds) is chosen and its
+    mean test accuracy reported (never chosen on test)."""
+    import dataclasses
+
+    tok = load_tokenizer("minilm-l6")
+    texts, labels, names = load_labelled("bbc", "train")
+    te_texts, te_labels, _ = load_labelled("bbc", "test")
+    te_texts, te_labels = te_texts[: a.cls_eval], te_labels[: a.cls_eval]
+    pool = LabelledTexts(texts, labels, seed=0)
+    train_ds = LabelledTexts(pool.texts[: a.cls_train], pool.labels[: a.cls_train], seed=1)
+    val = (pool.texts[a.cls_train: a.cls_train + a.cls_val], pool.labels[a.cls_train: a.cls_train + a.cls_val])
+    base = load_model("minilm-l6", task="classify", num_labels=len(names))
+    head0 = copy.deepcopy(base.classifier.state_dict())
+    collate = TextCollator(tok, a.cls_seq_len)
+    steps = -(-len(train_ds) // a.cls_batch)
+    cfg0 = TrainConfig(task="classify", data="bbc", epochs=1, batch_size=a.cls_batch, seq_len=a.cls_seq_len)
+    data = [collate([train_ds[i] for i in range(k * a.cls_batch, min(len(train_ds), (k + 1) * a.cls_batch))])
+            for k in range(min(4, steps))]
+    configs = [(m, a.rank) for m in a.methods] + ([("lora", a.rank // 2)] if a.half_rank_lora else [])
+    runs: list[dict[str, Any]] = []
+    out: dict[str, Any] = {"runs": runs, "setup": {
+        "train_articles": len(train_ds), "validation_articles": len(val[0]), "test_articles": len(te_texts),
+        "seq_len": a.cls_seq_len, "batch_size": a.cls_batch, "epochs": 1, "steps": steps, "rank": a.rank,
+        "base_lrs": a.cls_lrs, "seeds": a.seeds, "lr_multiplier": "CLI's: x10 svfit, loldu, lora-xs"}}
+    for method, rank in configs:
+        label = method if rank == a.rank else f"{method} r={rank}"
+        for base_lr in a.cls_lrs:
+            lr = base_lr * default_lr(method) / default_lr("lora")
+            for seed in a.seeds:
+                model = copy.deepcopy(base)
+                torch.manual_seed(seed)
+                model.classifier.load_state_dict(head0)  # the same fresh head for every run
+                init_s, model = attach(model, method, rank, 2.0 * rank, "classifier", steps, data, seed=seed)
+                res = train(model, train_ds, dataclasses.replace(cfg0, seed=seed), collator=collate, lr=lr,
+                            progress=a.progress)
+                scores = {}
+                for eval_rank in ((None, a.rank // 2) if method == "dylora" else (None,)):
+                    if eval_rank is not None:
+                        set_eval_rank(model, eval_rank)
+                    key = label if eval_rank is None else f"{label} (eval r={eval_rank})"
+                    scores[key] = {
+                        "val": accuracy(model, tok, *val, seq_len=a.cls_seq_len, progress=False),
+                        "test": accuracy(model, tok, te_texts, te_labels, seq_len=a.cls_seq_len, progress=False)}
+                for key, sc in scores.items():
+                    runs.append({"method": key, "rank": rank, "base_lr": base_lr, "lr": lr, "seed": seed, **sc,
+                                 "init_s": init_s, "trainable_parameters": trainable_parameters(model),
+                                 "losses": res.losses, **res.to_dict()})
+                    print(f"  grid {key:24s} lr={lr:.0e} seed={seed} val={sc['val']:.3f} test={sc['test']:.3f} "
+                          f"{res.s_per_step:.2f} s/step init {init_s:.2f}s", file=sys.stderr)
+                del model
+                gc.collect()
+                out["rows"] = grid_rows(runs)
+                write_result(a.name, {"classify_grid": out, "partial": True})  # a killed run keeps its rows
+    out["rows"] = grid_rows(runs)
+    return out
+
+
+def grid_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method: the LR with the best mean validation accuracy over seeds, and its test accuracies."""
+    rows = []
+    for method in dict.fromkeys(r["method"] for r in runs):
+        mine = [r for r in runs if r["method"] == method]
+        by_lr = {lr: [r for r in mine if r["lr"] == lr] for lr in dict.fromkeys(r["lr"] for r in mine)}
+        lr = max(by_lr, key=lambda k: statistics.mean(r["val"] for r in by_lr[k]))
+        chosen = by_lr[lr]
+        tests = [r["test"] for r in chosen]
+        rows.append({"method": method, "lr": lr, "seeds": [r["seed"] for r in chosen], "test_per_seed": tests,
+                     "accuracy": statistics.mean(tests), "test_sd": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+                     "val_mean": statistics.mean(r["val"] for r in chosen),
+                     "val_by_lr": {f"{k:g}": statistics.mean(r["val"] for r in v) for k, v in by_lr.items()},
+                     "test_by_lr": {f"{k:g}": statistics.mean(r["test"] for r in v) for k, v in by_lr.items()},
+                     "trainable_parameters": chosen[0]["trainable_parameters"],
+                     "s_per_step": statistics.mean(r["s_per_step"] for r in chosen),
+                     "init_s": statistics.mean(r["init_s"] for r in chosen)})
+    return rows
+
+
 # -- language modelling ---------------------------------------------------------------------------
 def part_lm(a: argparse.Namespace) -> dict[str, Any]:
     tok = load_tokenizer("smollm2-135m")
@@ -363,6 +444,24 @@ def goals(out: dict[str, Any], rank: int) -> list[dict[str, Any]]:
             gap = 100 * (half["accuracy"] - dy["accuracy"])
             g.append({"goal": f"DyLoRA at r/2={rank // 2} within 1 point of a LoRA trained at r/2 (BBC)",
                       "measured": f"accuracy {dy['accuracy']:.3f} vs {half['accuracy']:.3f}", "met": gap <= 1.0})
+    if out.get("classify_grid", {}).get("rows"):
+        rows = {r["method"]: r for r in out["classify_grid"]["rows"]}
+        n = len(out["classify_grid"]["setup"]["base_lrs"]), len(out["classify_grid"]["setup"]["seeds"])
+        lora, xs = rows.get("lora"), rows.get("lora-xs")
+        if lora and xs:
+            gap = 100 * (lora["accuracy"] - xs["accuracy"])
+            ratio = lora["trainable_parameters"] / xs["trainable_parameters"]
+            g.append({"goal": f"LoRA-XS within 1 point of LoRA with >= 20x fewer trainable parameters "
+                              f"(BBC, {n[0]} LRs x {n[1]} seeds, LR chosen on validation)",
+                      "measured": f"test accuracy {xs['accuracy']:.3f} vs LoRA {lora['accuracy']:.3f} (mean of "
+                                  f"{n[1]} seeds), {ratio:.0f}x fewer trainable parameters",
+                      "met": gap <= 1.0 and ratio >= 20})
+        dy, half = rows.get(f"dylora (eval r={rank // 2})"), rows.get(f"lora r={rank // 2}")
+        if dy and half:
+            gap = 100 * (half["accuracy"] - dy["accuracy"])
+            g.append({"goal": f"DyLoRA at r/2={rank // 2} within 1 point of a LoRA trained at r/2 "
+                              f"(BBC, {n[0]} LRs x {n[1]} seeds, LR chosen on validation)",
+                      "measured": f"test accuracy {dy['accuracy']:.3f} vs {half['accuracy']:.3f}", "met": gap <= 1.0})
     if "lm" in out:
         rows = {r["method"]: r for r in out["lm"]["rows"]}
         dy, half = rows.get(f"dylora (eval r={rank // 2})"), rows.get(f"lora r={rank // 2}")
@@ -391,15 +490,17 @@ def picture(out: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    parts = [(k, m) for k, m in (("classify", "accuracy"), ("lm", "perplexity")) if k in out]
+    parts = [(k, m) for k, m in (("classify", "accuracy"), ("classify_grid", "accuracy"), ("lm", "perplexity"))
+             if out.get(k, {}).get("rows")]
     if not parts:
         return
     fig, axes = plt.subplots(1, len(parts), figsize=(6.5 * len(parts), 4.8), squeeze=False)
     for ax, (key, metric) in zip(axes[0], parts):
         for r in out[key]["rows"]:
             peft_backed = r["method"].split(" ")[0] in ("dora", "adalora", "eva", "olora", "corda")
-            ax.scatter(r["trainable_parameters"], r[metric], marker="s" if peft_backed else "o",
-                       color="tab:orange" if peft_backed else "tab:blue")
+            ax.errorbar(r["trainable_parameters"], r[metric], yerr=r.get("test_sd") or None,
+                        fmt="s" if peft_backed else "o", color="tab:orange" if peft_backed else "tab:blue",
+                        capsize=3)
             ax.annotate(r["method"], (r["trainable_parameters"], r[metric]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
@@ -407,6 +508,11 @@ def picture(out: dict[str, Any], path: Path) -> None:
         if key == "classify":
             ax.set_ylabel("BBC test accuracy")
             ax.set_title(f"MiniLM-L6, BBC, 1 epoch of {out[key]['setup']['train_articles']} articles")
+        elif key == "classify_grid":
+            st = out[key]["setup"]
+            ax.set_ylabel("BBC test accuracy (mean ± sd over seeds)")
+            ax.set_title(f"MiniLM-L6, BBC, {st['train_articles']} articles: {len(st['base_lrs'])} LRs × "
+                         f"{len(st['seeds'])} seeds, LR chosen on validation", fontsize=10)
         else:
             ax.set_ylabel("PTB test perplexity (lower is better)")
             ax.axhline(out[key]["dense_perplexity"], color="gray", ls=":", lw=1, label="no adapter")
@@ -428,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--cls-lrs", default="1e-3,3e-3")
     p.add_argument("--cls-base-lr", type=float, default=None, help="skip the validation search, use this LR")
+    p.add_argument("--seeds", default="0,1", help="classify-grid: seeds of every (method, LR)")
     p.add_argument("--cls-train", type=int, default=64)
     p.add_argument("--cls-val", type=int, default=48)
     p.add_argument("--cls-eval", type=int, default=100)
@@ -459,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     a.methods = [] if a.methods == "none" else a.methods.split(",")  # none: only the LoRA-at-r/2 reference
     a.cls_lrs = [float(x) for x in a.cls_lrs.split(",")]
+    a.seeds = [int(x) for x in a.seeds.split(",")]
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     import peft
@@ -474,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = out.setdefault("runs", {})
             runs.update(data.get("runs") or {})  # a merged input keeps the runs it was merged from
             runs[name] = data.get("run")
-            for k in ("parity", "classify", "lm", "init", "heal"):
+            for k in ("parity", "classify", "classify_grid", "lm", "init", "heal"):
                 if k not in data:
                     continue
                 if k == "init" and "init" in out:  # another interleaved run: kept beside, per model
@@ -495,8 +603,9 @@ def main(argv: list[str] | None = None) -> int:
         out["goals"] = goals(out, a.rank)
         write_result(a.name, out)
     for part in (p for p in a.parts.split(",") if p != "report"):
-        out[part] = {"parity": part_parity, "classify": part_classify, "lm": part_lm, "init": part_init,
-                     "heal": part_heal}[part](a)
+        key = part.replace("-", "_")
+        out[key] = {"parity": part_parity, "classify": part_classify, "classify_grid": part_classify_grid,
+                    "lm": part_lm, "init": part_init, "heal": part_heal}[key](a)
         out["goals"] = goals(out, a.rank)
         out["wall_s"] = time.perf_counter() - t0
         write_result(a.name, out)  # after every part: a crash keeps what was measured
@@ -505,6 +614,17 @@ def main(argv: list[str] | None = None) -> int:
     if "classify" in out:
         print(f"\n## BBC classification, MiniLM-L6 (base lr {out['classify']['base_lr']:g} chosen on validation)\n"
               + table(out["classify"]["rows"], "accuracy"))
+    if out.get("classify_grid", {}).get("rows"):
+        st = out["classify_grid"]["setup"]
+        print(f"\n## BBC classification, {len(st['base_lrs'])} base LRs {st['base_lrs']} x seeds {st['seeds']} "
+              "(LR chosen per method on validation; test mean ± sd over seeds)\n"
+              "| method | trainable params | chosen lr | test accuracy | per seed | val by lr | s/step | init s |\n"
+              "|---|---:|---:|---:|---|---|---:|---:|")
+        for r in out["classify_grid"]["rows"]:
+            vb = ", ".join(f"{k}: {v:.3f}" for k, v in r["val_by_lr"].items())
+            print(f"| {r['method']} | {r['trainable_parameters']:,} | {r['lr']:g} | {r['accuracy']:.3f} ± "
+                  f"{r['test_sd']:.3f} | {', '.join(f'{x:.3f}' for x in r['test_per_seed'])} | {vb} | "
+                  f"{r['s_per_step']:.2f} | {r['init_s']:.1f} |")
     if "lm" in out:
         print(f"\n## PTB LM, SmolLM2-135M (dense perplexity {out['lm']['dense_perplexity']:.2f})\n"
               + table(out["lm"]["rows"], "perplexity"))

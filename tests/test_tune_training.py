@@ -14,10 +14,11 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 from rankwise.errors import RankwiseError
 from rankwise.training import TrainConfig, train
 from rankwise.tune import METHODS, AdapterConfig, adapter_layers, apply, trainable_parameters
+from rankwise.tune.peft_backend import loftq_missing
 from test_tune_adapters import base_for, tiny_llama
 
 LR = {"svfit": 3e-2, "loldu": 3e-2, "lora-xs": 3e-2, "adalora": 3e-2}
-LOFTQ_OK = torch.cuda.is_available() and __import__("importlib").util.find_spec("bitsandbytes") is not None
+LOFTQ_OK = not loftq_missing()  # PEFT's LoftQ: bitsandbytes + CUDA/XPU
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -239,6 +240,8 @@ def test_cli_classify_svfit_and_reload(tiny_folders, tmp_path):
         (["--method", "svfit", "--export-peft", "PEFT"], "PEFT cannot represent a svfit"),
         (["--targets", "nothing_matches"], "match no linear layer"),
         (["--rank", "32"], "must satisfy 0 < rank < min"),
+        (["--method", "heal"], "heal trains the factors of a compressed model: pass a `rankwise compress` output"),
+        (["--method", "welore-lrc"], "welore-lrc trains the factors of a compressed model"),
     ],
 )
 def test_cli_errors(args, message, tiny_folders, tmp_path, capsys):

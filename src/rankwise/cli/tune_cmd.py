@@ -101,6 +101,14 @@ def run(args: argparse.Namespace) -> int:
         _, _, labels = load_labelled(tcfg.data, "train")  # one-line error when the data has no labels
     model_name = args.model or ("minilm-l6" if tcfg.task == "classify" else None)
     model_path = resolve_model(model_name)
+    from rankwise.tune.registry import LOWRANK_METHODS
+
+    if cfg.method in LOWRANK_METHODS and not is_rankwise_checkpoint(model_path):
+        raise RankwiseError(
+            f"{cfg.method} trains the factors of a compressed model: pass a `rankwise compress` output folder as "
+            f"MODEL_OR_DIR (rankwise compress --out C, then rankwise tune C --method {cfg.method} ...), not "
+            f"{model_name or 'smollm2-135m'}."
+        )
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(tcfg.seed)
