@@ -20,8 +20,13 @@ Parts (``--parts``, default all but ``heal``), scaled so the whole script fits a
   exact top-r SVD (relative Frobenius error of the rank-r part, mean over the adapted layers).
 * ``heal``: compress SmolLM2 then heal (train the factors), fraction of the perplexity gap recovered.
 
+* ``classify-grid``: the issue's protocol on the classify setup for ``--methods`` (+ LoRA at r/2): every base LR
+  of ``--cls-lrs`` × every seed of ``--seeds``; per method the LR with the best mean *validation* accuracy is
+  chosen and its mean test accuracy (± sd over seeds) reported.
+
 Excluded from classify/lm: welore-lrc and heal (they need a compressed model: part ``heal``) and
-loftq (PEFT's LoftQ quantises with bitsandbytes on CUDA; this box has neither).
+loftq (PEFT 0.21's LoftQ init quantises with bitsandbytes on a CUDA/XPU device, no CPU path; this box has
+neither, and ``rankwise tune --method loftq`` says so in one line).
 
     python bench/tune_quality.py                       # everything, reduced protocol (~40 min, 1 thread)
     python bench/tune_quality.py --parts classify,init  # a subset
