@@ -9,8 +9,10 @@ the saved folder, prefill of one 512-token prompt timed right after the dense mo
 
 Jobs (``--jobs``; default ``DEFAULT_JOBS``, the whole grid): ``dense``, ``{rtn,gptq}{bits}[e{r1}/{r2}...][:variant]``
 (EoRA ranks from ONE quantisation at the largest rank: rank r is an exact truncation of the same factorisation),
-``lowrank{ρ}[q4][:variant]`` (the default ``rankwise compress`` pipeline; with ``q4`` then GPTQ 4-bit factors; the
-dense statistics are computed once and shared by every ρ: the default pipeline is not sequential). Runs write
+``lowrank{ρ}[+{rtn,gptq}{bits}][:variant]`` (the default ``rankwise compress`` pipeline, then optionally its factors
+quantised; ``q4`` = ``+gptq4``; the dense statistics are computed once and shared by every ρ: the default pipeline is
+not sequential). ``--no-prefill`` skips the prefill timing (noise on a loaded machine; saves ~25 % of a row);
+``--stop-after MIN`` starts no further job once MIN minutes have passed (keeps a queue job under its limit). Runs write
 ``quantize_<part>.json``; ``--plot-only [--previous OLD.json]`` merges them into ``quantize.json``, marks the
 goals, prints the README table and draws ``docs/img/quantize_pareto.png``.
 
@@ -52,10 +54,12 @@ GROUP = 64
 CALIB_SAMPLES = 16  # × 256 tokens: halved from the CLI default so the grid fits the shared machine
 EVAL_TOKENS = 2048  # per test text (PTB, BBC), 512-token windows, BOS (the issue: 4,096; halved, see docstring)
 VALID_TOKENS = 2048  # per validation text (PTB valid, BBC valid): the GPTQ setting is chosen on these
+#: the issue's whole grid (one process; split it with --jobs / --name and merge with --plot-only)
+DEFAULT_JOBS = ("dense,rtn8e32/16/64:mix,rtn4e32/16/64:mix,rtn3e32/16/64:mix,rtn2e32/16/64:mix,gptq8:mix-act,"
+                "gptq4:mix-act,gptq3:mix-act,gptq2:mix-act,gptq8e32/16/64:mix-act,gptq4e32/16/64:mix-act,"
+                "gptq3e32/16/64:mix-act,gptq2e32/16/64:mix-act,gptq3:ptb,gptq3:ptb-act,gptq3:mix,"
+                "lowrank0.2+gptq4:mix-act,lowrank0.4+gptq4:mix-act,lowrank0.2+rtn4")
 #: GPTQ variants compared on validation text at 3 bits: (calibration text, act_order)
-DEFAULT_JOBS = ("dense,rtn3e64/32/16,gptq3:ptb,gptq3:ptb-act,gptq3:mix,gptq3:mix-act,gptq3e64/32/16:mix-act,"
-                "rtn8e32,rtn4e32,rtn2e32,gptq8e32:mix-act,gptq4e32:mix-act,gptq2e32:mix-act,lowrank0.2:mix-act,"
-                "lowrank0.4:mix-act")
 VARIANTS = {"ptb": ("ptb", False), "ptb-act": ("ptb", True), "mix": ("ptb+bbc", False), "mix-act": ("ptb+bbc", True)}
 
 
@@ -129,6 +133,8 @@ class Bench:
                 row[f"valid_{s}"] = perplexity(model, self.tok, text, seq_len=512, max_tokens=VALID_TOKENS,
                                                name=s).perplexity
         row["eval_seconds"] = time.perf_counter() - t
+        if self.args.no_prefill:
+            return self.finish(row, label, valid)
         # side by side: the dense model's prefill is timed right before this row's, in this process (no warm-up
         # pass for the row's model: it has just run the evaluation; the dense model is warmed once per process)
         row["dense_prefill_s"] = prefill_seconds(self.base, self.prompt, reps=1, warmup=not self.dense_warm)
@@ -136,12 +142,16 @@ class Bench:
         row["prefill_s"] = prefill_seconds(model, self.prompt, reps=1, warmup=False)
         row["prefill_tok_s"] = self.prompt.shape[1] / row["prefill_s"]
         row["prefill_vs_dense"] = row["dense_prefill_s"] / row["prefill_s"]
+        return self.finish(row, label, valid)
+
+    def finish(self, row: dict, label: str, valid: bool) -> dict:
         self.rows.append(row)
         self.done.add(label)
         self.flush()
         print(f"{label:36s} ppl ptb {row['ppl_ptb']:9.2f} bbc {row['ppl_bbc']:9.2f} "
               + (f"valid {row['valid_ptb']:8.2f} {row['valid_bbc']:8.2f} " if valid else "")
-              + f"{row['disk_bytes'] / 2**20:7.1f} MiB  prefill {row['prefill_s']:.2f} s", flush=True)
+              + f"{row['disk_bytes'] / 2**20:7.1f} MiB"
+              + (f"  prefill {row['prefill_s']:.2f} s" if "prefill_s" in row else ""), flush=True)
         return row
 
     def flush(self) -> None:
@@ -185,7 +195,7 @@ class Bench:
         gc.collect()
 
     def job(self, job: str) -> None:
-        """``dense`` | ``{rtn,gptq}{bits}[e{r1}/{r2}…][:variant]`` | ``lowrank{ρ}[q4][:variant]`` (q4: + GPTQ 4-bit).
+        """``dense`` | ``{rtn,gptq}{bits}[e{r1}/{r2}…][:variant]`` | ``lowrank{ρ}[+{rtn,gptq}{bits}|q4][:variant]``.
 
         EoRA ranks come from ONE quantisation at the largest rank (exact truncations); the plain row of an
         RTN job is then plain RTN exactly (RTN ignores data); GPTQ jobs with ranks measure no plain row (their
@@ -202,9 +212,12 @@ class Bench:
             label = f"{method} {bits}-bit" + (f" [{variant}]" if method == "gptq" else "")
             self.quant(bits, method, variant, ranks, label, valid=bits == 3,
                        plain=method == "rtn" or not ranks)
-        elif lr := re.fullmatch(r"lowrank([\d.]+)(q4)?", name):
-            ratio, q4 = float(lr.group(1)), bool(lr.group(2))
-            label, qlabel = f"low rank ρ={ratio}", f"low rank ρ={ratio} + gptq 4-bit [{variant}]"
+        elif lr := re.fullmatch(r"lowrank([\d.]+)(q4|\+(rtn|gptq)(\d))?", name):
+            ratio = float(lr.group(1))
+            q4 = lr.group(2) is not None
+            qmethod, qbits = (lr.group(3), int(lr.group(4))) if lr.group(3) else ("gptq", 4)
+            label = f"low rank ρ={ratio}"
+            qlabel = f"{label} + {qmethod} {qbits}-bit" + (f" [{variant}]" if qmethod == "gptq" else "")
             if label in self.done and (not q4 or qlabel in self.done):
                 print(f"{label:36s} every row already measured (skipped)", flush=True)
                 return
@@ -225,13 +238,18 @@ class Bench:
             self.measure(model, label, "lowrank", save_lr, ratio=ratio, quant_seconds=secs,
                          achieved_ratio=cres.achieved_ratio, shared_stats=len(self.stats_cache) > 0 and not first)
             if q4:
-                self.quant(4, "gptq", variant, (), qlabel, valid=False, plain=True, model=model,
+                self.quant(qbits, qmethod, variant, (), qlabel, valid=False, plain=True, model=model,
                            kind="lowrank+quant", ratio=ratio, seconds=secs)
         else:
             raise SystemExit(f"unknown job {job!r}")
 
     def run(self) -> None:
+        t0 = time.perf_counter()
         for job in self.args.jobs.split(","):
+            if self.args.stop_after is not None and time.perf_counter() - t0 > 60 * self.args.stop_after:
+                print(f"--stop-after {self.args.stop_after} min reached: job {job} not started", flush=True)
+                self.data.setdefault("not_started", []).append(job)
+                continue
             self.job(job)
         self.flush()
 
@@ -329,12 +347,13 @@ def plot(rows: list[dict]) -> None:
     for ax, x_of, xlabel in ((axes[0], lambda r: r["disk_bytes"] / 2**20, "bytes on disk (MiB)"),
                              (axes[1], lambda r: r.get("prefill_vs_dense", 0),
                               "prefill speed × dense fp32 (512-token prompt, timed side by side; loaded machine)")):
-        pts = [(x_of(r), (r["ppl_ptb"] * r["ppl_bbc"]) ** 0.5, r) for r in rows if r["ppl_ptb"] < 1e3]
+        pts = [(x_of(r), _geo(r), r) for r in rows if r["ppl_ptb"] < 1e3 and x_of(r)]
         for kind, (c, mk) in style.items():
             sel = [p for p in pts if p[2]["kind"] == kind]
             ax.scatter([p[0] for p in sel], [p[1] for p in sel], c=c, marker=mk, label=names[kind], s=40)
         for x, y, r in pts:
-            short = r["label"].replace("EoRA ", "E").replace(" + gptq 4-bit", "+q4").replace("low rank ", "")
+            short = (r["label"].replace("EoRA ", "E").replace(" + gptq 4-bit", "+q4").replace(" + rtn 4-bit", "+r4")
+                     .replace("low rank ", "").replace(" [mix-act]", "").replace("-bit", "b"))
             ax.annotate(short, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         # Pareto front: smaller size (or higher speed) and lower perplexity
         front = pareto([p[2] for p in pts], x_of, smaller_x=ax is axes[0])
@@ -419,6 +438,9 @@ def main() -> None:
     p.add_argument("--previous", default=None, metavar="JSON",
                    help="--plot-only: also take rows (same protocol) from an earlier quantize.json that no part "
                         "re-measured")
+    p.add_argument("--no-prefill", action="store_true", help="skip the prefill timing of every row")
+    p.add_argument("--stop-after", type=float, default=None, metavar="MIN",
+                   help="start no further job once MIN minutes have passed")
     p.add_argument("--remeasure", action="store_true",
                    help="measure every row of the jobs even when a quantize_*.json part already has it")
     args = p.parse_args()
