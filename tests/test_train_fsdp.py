@@ -110,7 +110,7 @@ def test_fsdp_equals_ddp(tmp_path) -> None:
             assert ddp_bytes <= both <= ddp_bytes + allowance, (key, both, ddp_bytes)
 
 
-def test_train_cli_under_torchrun_fsdp(tmp_path) -> None:
+def test_train_cli_under_torchrun_fsdp(tmp_path, capsys) -> None:
     """``torchrun --nproc-per-node 2 -m rankwise train --fsdp``: half the optimizer state per process, one writer."""
     import json
     import subprocess
@@ -142,11 +142,12 @@ def test_train_cli_under_torchrun_fsdp(tmp_path) -> None:
             "--rank", "4", "--update-gap", "10", "--eval-tokens", "64", "--eval-seq-len", "32", "--no-progress"]
     assert main([*args, "--batch-size", "4", "--out", str(tmp_path / "one"), "--json", str(tmp_path / "one.json")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "rankwise",
-         *args, "--batch-size", "2", "--fsdp", "--out", str(tmp_path / "two"), "--json", str(tmp_path / "two.json")],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                "rankwise", *args, "--batch-size", "2", "--fsdp"]
+    ck = tmp_path / "ck"
+    proc = subprocess.run([*torchrun, "--out", str(tmp_path / "two"), "--json", str(tmp_path / "two.json"),
+                           "--checkpoints", str(ck), "--save-steps", "2"],
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert two["processes"] == 2 and two["parallel"] == "fsdp" and two["steps"] == 3
@@ -157,3 +158,47 @@ def test_train_cli_under_torchrun_fsdp(tmp_path) -> None:
     assert two["parameters"] == one["parameters"]
     assert two["perplexity"]["perplexity"] == pytest.approx(one["perplexity"]["perplexity"], rel=1e-3)
     assert (tmp_path / "two" / "config.json").is_file()
+
+    # --fsdp checkpoints: the gathered weights as an ordinary folder, one optimizer file per process; resuming from
+    # step 2 with 2 processes ends where the uninterrupted run did
+    from safetensors.torch import load_file
+
+    step2 = ck / "checkpoint-2"
+    assert sorted(p.name for p in step2.glob("optimizer-rank*")) == ["optimizer-rank0-of-2.pt",
+                                                                       "optimizer-rank1-of-2.pt"]
+    assert LlamaForCausalLM.from_pretrained(str(step2)).config.hidden_size == 32
+    proc = subprocess.run([*torchrun, "--out", str(tmp_path / "resumed"), "--json", str(tmp_path / "resumed.json"),
+                           "--resume", str(step2)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert len(resumed["train"]["step_seconds"]) == 1  # only step 3 ran; steps 1-2 are the checkpoint's log history
+    assert resumed["train"]["losses"] == pytest.approx(two["train"]["losses"], rel=1e-5)
+    a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("two", "resumed"))
+    init = load_file(str(step2 / "model.safetensors"))
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5, msg=key)
+    assert any(not torch.equal(a[k], init[k]) for k in a)  # step 3 changed the weights after the checkpoint
+    # an --fsdp checkpoint cannot be resumed by a run that is not sharded (its optimizer state is per process)
+    capsys.readouterr()
+    rc = main([*args, "--batch-size", "4", "--out", str(tmp_path / "bad"), "--resume", str(step2)])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert rc == 2 and not (tmp_path / "bad").exists()
+    assert len(err) == 1 and "torchrun --nproc-per-node 2 -m rankwise train --fsdp" in err[0], err
+
+
+def test_fsdp_optimizer_checkpoint_refuses_another_world_size(tmp_path) -> None:
+    from rankwise.errors import RankwiseError
+    from rankwise.train.fsdp_checkpoint import load_optimizer_shard, save_optimizer_shard
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([p])
+    for rank in range(2):
+        save_optimizer_shard(opt, tmp_path, rank, 2)
+    load_optimizer_shard(opt, tmp_path, 1, 2)
+    with pytest.raises(RankwiseError, match="sharded over 2 processes, this run has 4; resume with torchrun "
+                                            "--nproc-per-node 2"):
+        load_optimizer_shard(opt, tmp_path, 0, 4)
+    (tmp_path / "optimizer-rank1-of-2.pt").unlink()
+    with pytest.raises(RankwiseError, match="optimizer-rank1-of-2.pt is missing"):
+        load_optimizer_shard(opt, tmp_path, 1, 2)

@@ -302,6 +302,13 @@ class RankwiseTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self.accelerator.unwrap_model(self.model)
+        if _is_fsdp2_sharded(model) and state_dict is None:
+            # a model sharded before the Trainer (rankwise train --fsdp): every process joins the gather, process 0
+            # writes an ordinary folder (rankwise.train.fsdp_checkpoint)
+            from rankwise.train.fsdp_checkpoint import full_state_dict
+
+            full = full_state_dict(model)
+            return super()._save(output_dir, state_dict=full) if self.args.should_save else None
         if not _has_native_adapter(model):
             return super()._save(output_dir, state_dict=state_dict)
         from rankwise.tune.api import save_adapter
@@ -311,8 +318,23 @@ class RankwiseTrainer(Trainer):
             save_adapter(model, output_dir, overwrite=True, extra={"trainer_step": self.state.global_step})
         return None
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not _is_fsdp2_sharded(self.accelerator.unwrap_model(self.model)):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from rankwise.train.fsdp_checkpoint import save_optimizer_shard
+
+        save_optimizer_shard(self.optimizer, output_dir, self.args.process_index, self.args.world_size)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+        return None
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if _is_fsdp2_sharded(model):
+            from rankwise.train.fsdp_checkpoint import load_full_state_dict
+
+            load_full_state_dict(model, resume_from_checkpoint)
+            return None
         if _has_native_adapter(model):
             from rankwise.tune.api import restore_adapter_tensors
 
@@ -333,7 +355,16 @@ class RankwiseTrainer(Trainer):
         switches here, with the same :func:`rankwise.train.callbacks.replace_in_optimizer`, gives the optimizer
         the parameter layout of the interrupted run, so its saved state loads into the right tensors.
         """
+        if checkpoint is not None and _is_fsdp2_sharded(self.accelerator.unwrap_model(self.model)):
+            from rankwise.train.fsdp_checkpoint import load_optimizer_shard
+
+            load_optimizer_shard(self.optimizer, checkpoint, self.args.process_index, self.args.world_size)
+            self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
+            return None
         if checkpoint is not None:
+            from rankwise.train.fsdp_checkpoint import refuse_unsharded_resume
+
+            refuse_unsharded_resume(checkpoint)
             rebuilt = rebuild(self, checkpoint)
             if getattr(self, "_pending_rebuild", None) == checkpoint:
                 self._pending_rebuild = None
@@ -510,7 +541,8 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig,
     already sharded with FSDP2 (``fully_shard``) trains as it is: it is marked as the Trainer's
     "sharded at load time" model, so neither DDP nor Accelerate's own FSDP wraps it again. (Accelerate's
     FSDP2 plugin is not used because on CPU/gloo it silently falls back to DDP, and GaLore's optimizer
-    has to be built on the sharded parameters anyway; such a run cannot write resumable checkpoints.)
+    has to be built on the sharded parameters anyway; its checkpoints hold the gathered weights and one
+    optimizer file per process, :mod:`rankwise.train.fsdp_checkpoint`, and resume with as many processes.)
     """
     lr = lr if lr is not None else cfg.lr
     if lr is None:
@@ -520,10 +552,7 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig,
     if scheduler is not None and optimizer is None:
         raise RankwiseError("a scheduler needs its optimizer: pass optimizer= with scheduler=.")
     sharded = _is_fsdp2_sharded(model)
-    if sharded:
-        if cfg.save_steps or cfg.resume:
-            raise RankwiseError("a run on an FSDP-sharded model cannot write or resume Trainer checkpoints; "
-                                "drop --save-steps/--resume or train with DDP (torchrun without --fsdp).")
+    if sharded:  # checkpoints: model gathered to one folder, optimizer state one file per process
         if optimizer is None:
             raise RankwiseError("an FSDP-sharded model needs its optimizer built on the sharded parameters: "
                                 "pass optimizer=.")
@@ -547,8 +576,12 @@ def train(model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig,
     cbs = [*callbacks, meter]
     if _is_adalora(model):
         cbs.append(_AdaLoraSchedule(model))
+    if sharded:  # the Trainer refuses optimizer checkpoints of a model sharded before it; RankwiseTrainer writes them
+        args.save_only_model = True  # (one file per process, rankwise.train.fsdp_checkpoint): pass its check, then
     trainer = RankwiseTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator or lm_collate,
                               optimizers=(optimizer, scheduler), callbacks=cbs)
+    if sharded:
+        trainer.args.save_only_model = False  # ... save optimizer, scheduler and RNG states as for any other run
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)

@@ -68,9 +68,6 @@ def _check(args: argparse.Namespace, config: TrainRunConfig) -> None:
 
         if not (Path(resume) / "trainer_state.json").is_file():
             raise RankwiseError(f"--resume {resume}: not a Trainer checkpoint folder (no trainer_state.json).")
-    if config.fsdp and (save_steps or resume):
-        raise RankwiseError("--fsdp runs cannot write or resume Trainer checkpoints (the Trainer does not checkpoint "
-                            "a model sharded before it); drop --save-steps/--resume or train with DDP.")
     if config.fsdp:
         from rankwise.compression.distributed import Dist
 
