@@ -19,7 +19,15 @@ Training regimes (issue 13), AdamW on the regime's trainable parameters, same da
 * ``sltrain``       every attention/MLP matrix W = s·B A + S, S on a fixed random support (density δ)
 * ``relora``        W frozen + LoRA merged every ``--relora-every`` steps, partial optimizer reset, jagged cosine
 * ``lost``          SVD split: top-r low-rank part + channel-sparse part from the rest of the spectrum
-* ``sltrain@LR``    (any regime row may carry ``@LR``) the same at another learning rate (SLTrain's paper: 3e-3)
+* ``sltrain@LR``    (any row may carry ``@LR``, e.g. ``adamw@3e-4``, ``rw-svd@3e-3``) the same at another
+                    learning rate (SLTrain's paper: 3e-3)
+
+GaLore against a *tuned* AdamW (issue 13): run ``adamw@LR`` and ``rw-*@LR`` rows at several learning
+rates with ``--valid-tokens N``; each family's best learning rate is chosen on PTB *valid* loss and the
+fourth table compares every row with the tuned AdamW: final train loss, valid loss, mean loss on the
+last three 10-step windows (the ranking per window tells whether the order is stable), and the paired
+per-step difference to the tuned AdamW over the last 20 steps (mean, standard error; every row sees
+the same batches). ``goals["galore_within_5pct_of_tuned_adamw"]`` holds the verdict.
 
 Third table (regimes): parameters (whole model and targeted matrices, also the closed form at the
 full 30-layer depth), trainable parameters, optimizer state, peak RSS, tokens/s, final loss and its
@@ -35,6 +43,8 @@ refresh (all matrices at one refresh step), final train loss (mean of the last
     .venv/bin/python bench/train_memory.py            # writes bench/results/train_memory.json
     .venv/bin/python bench/train_memory.py --only adamw,rw-svd,sltrain,relora,lost --layers 4 --steps 40 \
         --out bench/results/train_regimes.json
+    .venv/bin/python bench/train_memory.py --only adamw@1e-4,adamw@3e-4,adamw,rw-svd,rw-svd@3e-3 --layers 4 \
+        --steps 60 --batch-size 2 --seq-len 64 --valid-tokens 2048 --out bench/results/train_tuned_lr.json
 """
 
 from __future__ import annotations
