@@ -329,3 +329,46 @@ def test_fisher_allocation_with_a_callable_uses_the_config_text_or_refuses(tmp_p
     assert res.achieved_ratio >= 0.3
     assert model.rankwise_meta["config"]["alloc_norm"] == "none"
     assert res.calibration["sensitivity"]["text"] == str(text) and res.calibration["sensitivity"]["samples"] == 4
+
+
+@pytest.mark.parametrize("method", ["whiten", "fwsvd", "svd"])
+def test_factors_kept_from_the_spectra_pass_equal_a_second_pass(method, monkeypatch, tmp_path):
+    """The default pipeline keeps each matrix's factors up to its cap rank from the spectra pass (on disk) and
+    slices them: bit-identical to recomputing statistics and decompositions in a second pass, which it skips."""
+    import functools
+
+    import rankwise.compression.api as api
+    import rankwise.compression.factor_store as fs
+
+    made = {"collectors": 0, "gets": 0}
+    real_init = StatsCollector.__init__
+
+    def counting_init(self, *a, **kw):
+        made["collectors"] += 1
+        real_init(self, *a, **kw)
+
+    class CountingStore(fs.FactorStore):
+        def get(self, name, k):
+            made["gets"] += 1
+            return super().get(name, k)
+
+    monkeypatch.setattr(StatsCollector, "__init__", counting_init)
+    monkeypatch.setattr(api, "FactorStore", CountingStore)
+    x = windows()
+    cfg = CompressConfig(ratio=0.3, method=method, progress=False, sens_samples=2)
+    kept = tiny_llama()
+    res = compress(kept, cfg, calib=x)
+    with_store = dict(made)
+    made.update(collectors=0, gets=0)
+    monkeypatch.setattr(api, "run_pipeline", functools.partial(api.run_pipeline, keep_factors=False))
+    again = tiny_llama()
+    ref = compress(again, cfg, calib=x)
+    assert res.ranks == ref.ranks
+    factorised = sum(r is not None for r in res.ranks.values())
+    assert factorised and with_store["gets"] == factorised and made["gets"] == 0
+    if method == "whiten":  # a data walk per pass: the second pass's statistics walk is gone
+        assert with_store["collectors"] < made["collectors"]
+    sd, sd_ref = kept.state_dict(), again.state_dict()
+    assert sd.keys() == sd_ref.keys()
+    for k in sd:
+        assert torch.equal(sd[k], sd_ref[k]), k

@@ -162,3 +162,36 @@ def test_unreachable_ratio_errors():
     best = max_ratio([(8, 8)])
     with pytest.raises(RankwiseError, match="cannot be reached"):
         allocate("global", [(8, 8)], min(0.99, best + 0.01), energies=[torch.ones(8)])
+
+
+@pytest.mark.parametrize("shape", [(12, 30), (30, 12)])
+@pytest.mark.parametrize("name", ["svd", "whiten", "asvd"])
+def test_gram_solver_gives_the_svd_solvers_truncation(shape, name):
+    """The default Gram route (eigh of the smaller Gram matrix) and LAPACK's SVD: same σ, same B·A at every rank,
+    σ in A and B with orthonormal columns for the plain SVD, for wide and tall matrices."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(*shape, generator=g, dtype=torch.float64)
+    X = torch.randn(200, shape[1], generator=g, dtype=torch.float64) * torch.logspace(0, -1, shape[1],
+                                                                                        dtype=torch.float64)
+    st = _stats(X)
+    gram = get_method(name).prepare(W, st, MethodOptions(jitter=0.0))
+    ref = get_method(name).prepare(W, st, MethodOptions(jitter=0.0), solver="svd")
+    assert gram.Q is not None and ref.U is not None
+    assert torch.allclose(gram.S, ref.S, rtol=1e-9, atol=1e-12)
+    for k in (1, 5, min(shape)):
+        B, A = gram.factors(k)
+        Br, Ar = ref.factors(k)
+        assert torch.allclose(B @ A, Br @ Ar, atol=1e-9)
+        if name == "svd":
+            assert torch.allclose(B.T @ B, torch.eye(k, dtype=torch.float64), atol=1e-9)
+    with pytest.raises(ValueError, match="solver"):
+        get_method(name).prepare(W, st, solver="qr")
+
+
+def test_gram_solver_on_a_rank_deficient_tall_matrix_has_no_nan():
+    """Where M is tall, B = M Q_k Σ_k⁻¹: a rank above the numerical rank gives zero columns, not NaN."""
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(30, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 10, generator=g, dtype=torch.float64)
+    B, A = get_method("svd").prepare(W, None).factors(6)
+    assert torch.isfinite(B).all() and torch.isfinite(A).all()
+    assert torch.allclose(B @ A, W, atol=1e-9)

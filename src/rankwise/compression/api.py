@@ -40,6 +40,7 @@ from rankwise.compression.anchor import CrossCollector, anchor_factors
 from rankwise.compression.calibration.loops import CalibInfo, text_windows, windows_forward_loop
 from rankwise.compression.calibration.sensitivity import OutputGradMeter, frozen, output_sensitivity
 from rankwise.compression.calibration.stats import LayerStats, StatsCollector
+from rankwise.compression.factor_store import FactorStore
 from rankwise.compression.methods import METHODS, MethodOptions, get_method
 from rankwise.compression.refine import refine_block
 from rankwise.compression.runner import SPILL_BYTES, BlockRunner, Blocks, find_blocks
@@ -355,6 +356,7 @@ def run_pipeline(
     spill_bytes: int = SPILL_BYTES,
     runners: list | None = None,
     head_scope: Callable[[], contextlib.AbstractContextManager] | None = None,
+    keep_factors: bool = True,
 ) -> PipelineResult:
     """Sensitivity → statistics + spectra → allocation → factorisation, block by block.
 
@@ -366,6 +368,8 @@ def run_pipeline(
     ``runners``: if a list, every :class:`BlockRunner` made is appended (tests count materialised blocks).
     ``head_scope()``: a context entered around the passes that run the model's head (loss sensitivity, fwsvd
     gradients); the streamed compress upcasts a head it keeps in the storage dtype there.
+    ``keep_factors``: let the spectra pass keep factors on disk for the factorisation pass where that gives the
+    same result (False: recompute them; tests compare the two).
     """
     method = get_method(config.method)
     structured = getattr(method, "run_pipeline", None)
@@ -485,14 +489,14 @@ def run_pipeline(
 
     def walk(process: Callable[[list[Target], dict[str, LayerStats]], bool], seq: bool, desc: str,
              done: Callable[[int, nn.Module], None] | None = None,
-             post: Callable[[BlockRunner, int, nn.Module], None] | None = None) -> None:
+             post: Callable[[BlockRunner, int, nn.Module], None] | None = None, need_data: bool = True) -> None:
         """``process(targets, stats)`` per block, then once for targets outside the blocks; ``done(i, block)``.
 
         ``post(runner, i, block)`` runs after a block was changed, before ``done`` (block refinement);
         it needs the block's inputs and the dense teacher's outputs, so the walk then carries data.
         """
         outside_stats: dict[str, LayerStats] = {}
-        if outside:
+        if outside and need_data:
             if data_walk and not (cache is not None and all(t.name in cache for t in outside)):
                 if loop is None:
                     raise RuntimeError("rankwise bug: a data walk without a calibration loop")
@@ -509,7 +513,7 @@ def run_pipeline(
                 outside_stats = cache
         if blocks is not None:
             cached = cache is not None and not seq and post is None and all(t.name in cache for t in by_block_all)
-            use_data = data_walk and not cached
+            use_data = data_walk and not cached and need_data
             r = runner(loop if use_data else None)
             current: dict[str, Any] = {}
             # the dense teacher stream: anchoring and refinement target the dense model's outputs
@@ -558,15 +562,23 @@ def run_pipeline(
 
     by_block_all = [t for tg in by_block.values() for t in tg]
 
-    # 3. spectra + allocation
+    # 3. spectra + allocation. When the factorisation pass would only repeat the same statistics and
+    # decompositions (not sequential, no anchoring or refinement, one process), the spectra pass keeps every
+    # matrix's factors up to its cap rank on disk and the factorisation pass slices them (factor_store.py).
     t1 = time.perf_counter()
     energies: list[torch.Tensor | None] = [None] * len(targets)
+    store = FactorStore() if (config.alloc in NEEDS_SPECTRA and keep_factors and not sequential and not config.anchor
+                              and not config.refine_steps and not dist.enabled) else None
     if config.alloc in NEEDS_SPECTRA:
 
         def spectra(tg: list[Target], stats: dict[str, LayerStats]) -> bool:
             for t in tg:
-                p = method.prepare(t.weight().to(sdev), stats.get(t.name), opts, name=t.name, vectors=False)
+                p = method.prepare(t.weight().to(sdev), stats.get(t.name), opts, name=t.name,
+                                   vectors=store is not None)
                 energies[index[t.name]] = p.energy.cpu()
+                if store is not None and (kcap := FactorStore.cap(*t.shape)) >= 1:
+                    store.put(t.name, *p.factors(kcap))
+                del p
             return False
 
         walk(spectra, seq=False, desc="calibrate + spectra")  # blocks are written by the factorisation pass only
@@ -592,6 +604,11 @@ def run_pipeline(
                 raise RuntimeError(f"rankwise bug: {name} reached factorisation without a rank")
             if k >= break_even_rank(*t.shape):
                 raise RankwiseError(f"{name}: rank {k} at/above break-even")  # allocators never do this
+            if store is not None:  # the spectra pass's factors, sliced to rank k (float32 already)
+                B, A = store.get(name, k)
+                if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
+                    raise RankwiseError(f"factorising {name} produced NaN/inf; check the weights and statistics.")
+                return {"B": B, "A": A}
             W = t.weight().to(sdev)
             p = method.prepare(W, stats.get(name), opts, name=name, vectors=True)
             B, A = p.factors(k)
@@ -630,11 +647,17 @@ def run_pipeline(
         refine_seconds[0] += time.perf_counter() - t
 
     desc = "compress" if config.alloc in NEEDS_SPECTRA and not sequential and data_walk else "calibrate + compress"
-    with warnings.catch_warnings():
-        if config.alloc in NEEDS_SPECTRA:  # the spectra pass already warned about the same matrices
-            warnings.simplefilter("ignore", UserWarning)
-        walk(factorise, seq=sequential, desc=desc, done=on_block_done,
-             post=refine if config.refine_steps > 0 else None)
+    if store is not None:
+        desc = "write factors"
+    try:
+        with warnings.catch_warnings():
+            if config.alloc in NEEDS_SPECTRA:  # the spectra pass already warned about the same matrices
+                warnings.simplefilter("ignore", UserWarning)
+            walk(factorise, seq=sequential, desc=desc, done=on_block_done,
+                 post=refine if config.refine_steps > 0 else None, need_data=store is None)
+    finally:
+        if store is not None:
+            store.close()
     timings["factorisation"] = time.perf_counter() - t2
     if config.refine_steps > 0:
         timings["refine"] = refine_seconds[0]  # part of the factorisation pass

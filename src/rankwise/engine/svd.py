@@ -89,6 +89,33 @@ def _stacked(weights: Sequence[torch.Tensor], idx: list[int], dtype: torch.dtype
     return out
 
 
+def gram_singular_values(w: torch.Tensor) -> torch.Tensor:
+    """All singular values of one matrix, descending, float64, from ``eigvalsh`` of its smaller Gram matrix.
+
+    One BLAS-3 product and a p×p symmetric eigensolver instead of LAPACK's bidiagonalisation, which is
+    half matrix-vector work: measured 67 % of a streamed compress's time in ``svdvals`` of 1536×6144
+    matrices on this CPU. σᵢ² (what allocators rank) come out with absolute error ~1e-16·σ₁² in float64,
+    at least as accurate as a float32 SVD's.
+    """
+    return _gram_svdvals(w.detach().to(torch.float64).unsqueeze(0))[0]
+
+
+def gram_eigh(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(σ descending, Q): singular values of ``w`` and the eigenvectors of its smaller Gram matrix, float64.
+
+    Q (p×p, p = min(m, n)) holds the left singular vectors when m ≤ n and the right ones otherwise. An
+    exact (not randomized) decomposition: one BLAS-3 product and ``eigh``, measured 3.3× faster on this
+    CPU than a float32 ``linalg.svd`` of a 1536×6144 matrix. The vectors of a σ² separated from its
+    neighbours by a gap g carry an error ~1e-16·σ₁²/g in float64, below a float32 SVD's for the kept
+    directions of a weight matrix.
+    """
+    x = w.detach().to(torch.float64)
+    gram = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x
+    lam, Q = torch.linalg.eigh(gram)  # ascending
+    del gram
+    return lam.flip(-1).clamp_min(0).sqrt(), Q.flip(-1)
+
+
 def _gram_svdvals(stack: torch.Tensor) -> torch.Tensor:
     """Descending singular values of a (b, m, n) float64 stack via eigvalsh of the smaller Gram matrix."""
     m, n = stack.shape[-2:]
