@@ -154,6 +154,16 @@ def _upcast(module: nn.Module, dtype: torch.dtype) -> Iterator[None]:
             p.data = data
 
 
+@contextlib.contextmanager
+def _materialised(module: nn.Module, mat: _Materialiser, prefix: str) -> Iterator[None]:
+    """``module`` read from the checkpoint (compute dtype) for the ``with``, then back on the meta device."""
+    mat.load_module(prefix, module)
+    try:
+        yield
+    finally:
+        mat.release(module)
+
+
 def _tokenizer(folder: Path):
     """The folder's tokenizer (checked against the vocabulary: one line when corrupt or too large), None if absent."""
     from rankwise.io.models import _TOKENIZER_FILES, load_tokenizer
@@ -265,8 +275,25 @@ def compress_checkpoint(
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if head is not None and dtype != compute:
             narrow.add(id(head))
+        # an untied head is only needed by the passes that compute a loss: it stays on the meta device until then
+        # (read from the checkpoint inside head_scope) and is copied from the checkpoint when the output is written
+        head_keys: dict[str, str] = {}
+        if head is not None and not getattr(reader.config, "tie_word_embeddings", False) and id(head) not in {
+                id(m) for b in blocks.modules for m in b.modules()}:
+            hname = next(n for n, m in model.named_modules() if m is head)
+            for k, p in head._parameters.items():
+                if p is None:
+                    continue
+                key = mat.key(f"{hname}.{k}" if hname else k)
+                if key is None:
+                    head_keys = {}
+                    break
+                head_keys[f"{hname}.{k}" if hname else k] = key
+        lazy_head = bool(head_keys)
         for mname, mod in model.named_modules():
             if any(mname == n or mname.startswith(n + ".") for n in block_names.values()):
+                continue
+            if lazy_head and mod is head:
                 continue
             own = [k for k, p in mod._parameters.items() if p is not None and p.is_meta and id(p) not in in_blocks]
             for k in own:
@@ -283,8 +310,14 @@ def compress_checkpoint(
             model.tie_weights()
         hooks = [m.register_forward_hook(_cast_output(compute)) for m in model.modules()
                  if isinstance(m, nn.Embedding) and id(m) in narrow]
-        head_scope = (lambda: _upcast(head, compute)) if head is not None and id(head) in narrow else None
-        outside_meta = [n for n, p in model.named_parameters() if p.is_meta and id(p) not in in_blocks]
+        if lazy_head:
+            head_scope = lambda: _materialised(head, mat, next(iter(head_keys)).rpartition(".")[0])  # noqa: E731
+        elif head is not None and id(head) in narrow:
+            head_scope = lambda: _upcast(head, compute)  # noqa: E731
+        else:
+            head_scope = None
+        outside_meta = [n for n, p in model.named_parameters()
+                        if p.is_meta and id(p) not in in_blocks and n not in head_keys]
         if outside_meta:
             raise RankwiseError(f"the checkpoint {folder} has no tensor for {outside_meta[0]}; "
                                 "it does not match its config.json.")
@@ -362,6 +395,10 @@ def compress_checkpoint(
                 seen: set[int] = set()
                 prefixes = tuple(n + "." for n in block_names.values())
                 for k, v in model.state_dict(keep_vars=False).items():
+                    if k in head_keys:  # the lazily read head: copied from the checkpoint
+                        v = _finite(reader.get(head_keys[k]), head_keys[k], reader.folder)
+                        writer.add(k, v.to(dtype) if v.is_floating_point() else v)
+                        continue
                     if k.startswith(prefixes) or v.is_meta:
                         continue
                     if v.data_ptr() in seen:
