@@ -252,3 +252,24 @@ def test_whitening_leaves_its_input_alone_and_forms_no_inverse_unless_asked() ->
     assert torch.equal(c2, before2) and f2.method == "cholesky" and f2.jitter > 0
     eps = f2.jitter * float(c2.diagonal().mean())
     assert torch.allclose(f2.S @ f2.S.T, c2 + eps * torch.eye(20, dtype=torch.float64), atol=1e-8)
+
+
+def test_cholesky_in_place_uses_the_statistics_memory_and_undoes_a_failure() -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(300, 20, generator=g, dtype=torch.float64)
+    c = x.T @ x
+    ref = cholesky_factor(c.clone())
+    work = c.clone()
+    f = cholesky_factor(work, overwrite=True)
+    assert f.S.data_ptr() == work.data_ptr()  # no second n×n matrix
+    assert torch.allclose(f.S, ref.S, atol=1e-12) and torch.equal(f.S, torch.tril(f.S))
+    # a singular C: the in-place attempt fails, C is restored bit for bit, the jitter path gives the same factor
+    x2 = torch.randn(30, 20, generator=g, dtype=torch.float64)
+    c2 = x2.T @ x2
+    c2[:, 0] = c2[0, :] = 0.0
+    c2 = 0.5 * (c2 + c2.T)
+    work2 = c2.clone()
+    f2 = cholesky_factor(work2, overwrite=True, warn=False)
+    assert torch.equal(work2, c2)
+    ref2 = cholesky_factor(c2, warn=False)
+    assert f2.jitter == ref2.jitter > 0 and torch.allclose(f2.S, ref2.S, atol=1e-12)

@@ -572,9 +572,12 @@ def run_pipeline(
     if config.alloc in NEEDS_SPECTRA:
 
         def spectra(tg: list[Target], stats: dict[str, LayerStats]) -> bool:
-            for t in tg:
-                p = method.prepare(t.weight().to(sdev), stats.get(t.name), opts, name=t.name,
-                                   vectors=store is not None)
+            for i, t in enumerate(tg):
+                st = stats.get(t.name)
+                if store is not None and cache is None and st is not None and st.xtx is not None and not any(
+                        (o := stats.get(u.name)) is not None and o.xtx is st.xtx for u in tg[i + 1:]):
+                    st.extra["consumable"] = True  # the last reader of these statistics: factorise them in place
+                p = method.prepare(t.weight().to(sdev), st, opts, name=t.name, vectors=store is not None)
                 energies[index[t.name]] = p.energy.cpu()
                 if store is not None and (kcap := FactorStore.cap(*t.shape)) >= 1:
                     store.put(t.name, *p.factors(kcap))
