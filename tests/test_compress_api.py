@@ -372,3 +372,31 @@ def test_factors_kept_from_the_spectra_pass_equal_a_second_pass(method, monkeypa
     assert sd.keys() == sd_ref.keys()
     for k in sd:
         assert torch.equal(sd[k], sd_ref[k]), k
+
+
+def test_factor_store_falls_back_to_a_second_pass_when_the_disk_is_too_small(monkeypatch):
+    """Without room on disk for the factors, the pipeline recomputes them (same result, no store made)."""
+    import shutil
+    from collections import namedtuple
+
+    import rankwise.compression.factor_store as fs
+
+    x = windows()
+    cfg = CompressConfig(ratio=0.3, progress=False, sens_samples=2)
+    ref_model = tiny_llama()
+    ref = compress(ref_model, cfg, calib=x)
+    made = []
+    real_init = fs.FactorStore.__init__
+
+    def tracking_init(self, *a, **kw):
+        made.append(1)
+        real_init(self, *a, **kw)
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(fs.FactorStore, "__init__", tracking_init)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6, 10))
+    model = tiny_llama()
+    res = compress(model, cfg, calib=x)
+    assert not made and res.ranks == ref.ranks
+    sd, sd_ref = model.state_dict(), ref_model.state_dict()
+    assert all(torch.equal(sd[k], sd_ref[k]) for k in sd)

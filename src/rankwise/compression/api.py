@@ -568,7 +568,7 @@ def run_pipeline(
     t1 = time.perf_counter()
     energies: list[torch.Tensor | None] = [None] * len(targets)
     store = FactorStore() if (config.alloc in NEEDS_SPECTRA and keep_factors and not sequential and not config.anchor
-                              and not config.refine_steps and not dist.enabled) else None
+                              and not config.refine_steps and not dist.enabled and FactorStore.fits(shapes)) else None
     if config.alloc in NEEDS_SPECTRA:
 
         def spectra(tg: list[Target], stats: dict[str, LayerStats]) -> bool:

@@ -36,6 +36,16 @@ class FactorStore:
         """The highest rank an allocator may give an m×n matrix (one below break-even)."""
         return min(m, n, break_even_rank(m, n) - 1)
 
+    @classmethod
+    def fits(cls, shapes: list[tuple[int, int]], root: str | Path | None = None, share: float = 0.5) -> bool:
+        """Whether the factors of matrices of these shapes fit in ``share`` of the free space of the temporary
+        folder (else the pipeline recomputes them in a second pass: 70B models would need ~270 GB here)."""
+        import shutil
+
+        need = sum(4 * cls.cap(m, n) * (m + n) for m, n in shapes)
+        free = shutil.disk_usage(root or tempfile.gettempdir()).free
+        return need <= share * free
+
     def __contains__(self, name: str) -> bool:
         return name in self._files
 
