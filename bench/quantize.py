@@ -345,8 +345,8 @@ def plot(rows: list[dict]) -> None:
              "lowrank": "low rank", "lowrank+quant": "low rank + 4-bit factors"}
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, x_of, xlabel in ((axes[0], lambda r: r["disk_bytes"] / 2**20, "bytes on disk (MiB)"),
-                             (axes[1], lambda r: r.get("prefill_vs_dense", 0),
-                              "prefill speed × dense fp32 (512-token prompt, timed side by side; loaded machine)")):
+                             (axes[1], lambda r: r.get("speed_vs_dense", 0),
+                              "prefill speed × dense fp32 (512-token prompt; layouts timed interleaved, medians)")):
         pts = [(x_of(r), _geo(r), r) for r in rows if r["ppl_ptb"] < 1e3 and x_of(r)]
         for kind, (c, mk) in style.items():
             sel = [p for p in pts if p[2]["kind"] == kind]
@@ -385,14 +385,28 @@ def merge_and_plot(previous: str | None) -> None:
     if previous:
         old = json.loads(Path(previous).read_text())
         for r in old["rows"]:
-            if _row(data["rows"], r["label"]) is None and _row(data["rows"], r["label"] + " [ptb]") is None:
-                data["rows"].append({**r, "source": f"previous run {old['run'].get('git_commit', '?')} (same protocol; "
-                                                   "prefill ratio vs that run's dense row)"})
+            r = dict(r)
+            if str(r.get("source", "")).startswith("previous") and "variant" not in r and (
+                    r.get("method") == "gptq" or r.get("eora_rank")) and not r["label"].endswith("]"):
+                # rows of the round before the PTB+BBC default: calibrated on PTB, natural column order
+                r.update(label=r["label"] + " [ptb]", calib="ptb", act_order=False, variant="ptb")
+            if _row(data["rows"], r["label"]) is None:
+                data["rows"].append({**r, "source": r.get("source") if str(r.get("source", "")).startswith(
+                    "previous") else f"previous run {old['run'].get('git_commit', '?')} (same protocol; prefill "
+                    "ratio vs that run's dense row)"})
         data["previous"] = {"run": old.get("run"), "calibration": old.get("calibration")}
     dense = _row(data["rows"], "dense fp32")
+    sp_path = RESULTS / f"{SPEED}.json"
+    sp = json.loads(sp_path.read_text()) if sp_path.is_file() else None
+    if sp:
+        data["speed"] = {"configs": sp["configs"], "run": sp.get("run"), "reps": sp.get("reps")}
     for r in data["rows"]:
         if dense:
             r["bytes_vs_fp32"] = r["disk_bytes"] / dense["disk_bytes"]
+        layout = sp["configs"].get(speed_key(r) or "") if sp else None
+        if layout:  # the interleaved timing of this row's storage layout (quantize-speed.json)
+            r["speed_layout"], r["speed_vs_dense"], r["speed_tok_s"] = speed_key(r), layout["vs_dense"], \
+                layout["tok_s"]
     data["goals"] = goals(data["rows"])
     data["side_goals"] = side_goals(data["rows"])
     data["default_choice"] = default_choice(data["rows"])
@@ -425,8 +439,72 @@ def table(rows: list[dict]) -> None:
         f = functools.partial(cell, r)
         mark = " †" if str(r.get("source", "")).startswith("previous") else ""
         print(f"| {r['label']}{mark} | {f('ppl_ptb')} | {f('ppl_bbc')} | {f('valid_ptb')} | {f('valid_bbc')} | "
-              f"{r['disk_bytes'] / 2**20:.1f} | {f('bytes_vs_fp32', '{:.3f}')} | {f('prefill_vs_dense')} | "
+              f"{r['disk_bytes'] / 2**20:.1f} | {f('bytes_vs_fp32', '{:.3f}')} | {f('speed_vs_dense')} | "
               f"{f('quant_seconds', '{:.0f}')} |")
+
+
+SPEED = "quantize-speed"  # bench/results/quantize-speed.json (not a quantize_* part)
+
+
+def speed(reps: int, configs: str) -> None:
+    """Prefill of one 512-token prompt for every storage layout, the layouts interleaved ``reps`` times (medians).
+
+    Speed depends on the layer shapes and kernels, not on the weights' values: quantised layouts use RTN codes
+    (stored like GPTQ's), EoRA factors are random of the right shapes, low rank uses SVD factors at uniform ranks
+    with the same parameter count as ρ (the default pipeline's allocation differs per matrix). Interleaving puts
+    every layout under the same machine load.
+    """
+    from rankwise.quantization import QuantizeConfig, quantize
+
+    tok, base = load_tokenizer(None), load_model(None)
+    ids = tok(load_text("ptb", "test"), return_tensors="pt").input_ids[:, :512]
+    models: dict[str, torch.nn.Module] = {"dense": base}
+    lowrank: dict[float, torch.nn.Module] = {}
+    for name in configs.split(","):
+        m = re.fullmatch(r"(?:lr([\d.]+))?\+?(?:q(\d))?(?:\+E(\d+))?", name)
+        if name == "dense" or not m:
+            continue
+        ratio, bits, rank = m.group(1), m.group(2), m.group(3)
+        if ratio is not None:
+            r = float(ratio)
+            if r not in lowrank:
+                lowrank[r] = copy.deepcopy(base)
+                compress(lowrank[r], CompressConfig(ratio=r, method="svd", alloc="uniform", alloc_sensitivity="none",
+                                                    speed_guard="off", progress=False))
+            model = copy.deepcopy(lowrank[r])
+        else:
+            model = copy.deepcopy(base)
+        if bits is not None:
+            quantize(model, QuantizeConfig(bits=int(bits), group_size=GROUP, method="rtn", progress=False))
+            g = torch.Generator().manual_seed(0)
+            for mod in (x for x in model.modules() if isinstance(x, QuantLinear) and rank):
+                mod.set_eora(1e-3 * torch.randn(mod.out_features, int(rank), generator=g),
+                             1e-3 * torch.randn(int(rank), mod.in_features, generator=g))
+        models[name] = model
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for k in models:  # warm-up: one pass each
+        prefill_seconds(models[k], ids, reps=1, warmup=False)
+    for _ in range(reps):
+        for k, model in models.items():
+            times[k].append(prefill_seconds(model, ids, reps=1, warmup=False))
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    out = {k: {"prefill_s": times[k], "median_s": med[k], "tok_s": ids.shape[1] / med[k],
+               "vs_dense": med["dense"] / med[k]} for k in models}
+    write_result(SPEED, {"configs": out, "tokens": int(ids.shape[1]), "reps": reps, "group_size": GROUP})
+    for k, v in out.items():
+        print(f"{k:14s} {v['median_s']:7.2f} s  {v['tok_s']:7.1f} tok/s  {v['vs_dense']:.2f}× dense", flush=True)
+
+
+def speed_key(r: dict) -> str | None:
+    """The layout of a row in ``quantize-speed.json`` (``dense``, ``q3``, ``q3+E32``, ``lr0.2``, ``lr0.2+q4``)."""
+    if r["kind"] == "dense":
+        return "dense"
+    key = f"lr{r['ratio']}" if r.get("ratio") is not None else ""
+    if r.get("bits"):
+        key += ("+" if key else "") + f"q{r['bits']}"
+    if r.get("eora_rank"):
+        key += f"+E{r['eora_rank']}"
+    return key or None
 
 
 def main() -> None:
@@ -441,6 +519,10 @@ def main() -> None:
     p.add_argument("--no-prefill", action="store_true", help="skip the prefill timing of every row")
     p.add_argument("--stop-after", type=float, default=None, metavar="MIN",
                    help="start no further job once MIN minutes have passed")
+    p.add_argument("--speed", default=None, metavar="LAYOUTS",
+                   help="only time the prefill of these layouts, interleaved (e.g. dense,q8,q4,q3,q3+E32,lr0.2,"
+                        "lr0.2+q4) -> bench/results/quantize-speed.json")
+    p.add_argument("--reps", type=int, default=5, help="--speed: interleaved repetitions (median reported)")
     p.add_argument("--remeasure", action="store_true",
                    help="measure every row of the jobs even when a quantize_*.json part already has it")
     args = p.parse_args()
@@ -449,6 +531,9 @@ def main() -> None:
         return
     torch.manual_seed(0)
     torch.set_num_threads(1)  # the machine is shared and oversubscribed: one thread wastes no time spinning
+    if args.speed:
+        speed(args.reps, args.speed)
+        return
     Bench(args).run()
 
 
