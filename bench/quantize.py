@@ -276,11 +276,16 @@ def _geo(r: dict) -> float:
 def pareto(rows: list[dict], x_of, smaller_x: bool = True) -> list[dict]:
     """The rows no other row beats on both x (smaller bytes / higher speed) and perplexity, best x first."""
     front, best = [], float("inf")
-    for r in sorted(rows, key=lambda r: x_of(r) if smaller_x else -x_of(r)):
+    for r in sorted(rows, key=lambda r: (x_of(r) if smaller_x else -x_of(r), _geo(r))):
         if _geo(r) < best:
             front.append(r)
             best = _geo(r)
     return front
+
+
+def mib(r: dict) -> float:
+    """Bytes on disk in MiB, to 0.1 MiB: folders that differ only in their JSON metadata are the same size."""
+    return round(r["disk_bytes"] / 2**20, 1)
 
 
 FAMILIES = ("dense", "quant", "quant+eora", "lowrank", "lowrank+quant")
@@ -311,7 +316,7 @@ def goals(rows: list[dict]) -> dict:
                                                 "met": r["bytes_vs_fp32"] <= 0.40}
     # the picture: every family of the issue present; the Pareto front (by bytes on disk) says who wins at each size
     present = sorted({x["kind"] for x in rows})
-    front = pareto([x for x in rows if x["ppl_ptb"] < 1e3], lambda x: x["disk_bytes"])
+    front = pareto([x for x in rows if x["ppl_ptb"] < 1e3], mib)
     out["pareto_picture_shows_every_family"] = {
         "families_present": present, "missing": [f for f in FAMILIES if f not in present],
         "front_by_bytes": [[x["label"], round(x["disk_bytes"] / 2**20, 1), round(_geo(x), 2)] for x in front],
@@ -348,6 +353,10 @@ def plot(rows: list[dict]) -> None:
                              (axes[1], lambda r: r.get("speed_vs_dense", 0),
                               "prefill speed × dense fp32 (512-token prompt; layouts timed interleaved, medians)")):
         pts = [(x_of(r), _geo(r), r) for r in rows if r["ppl_ptb"] < 1e3 and x_of(r)]
+        ax.set_xlabel(xlabel)
+        if not pts:
+            ax.text(0.5, 0.5, "not measured (bench/quantize.py --speed)", ha="center", transform=ax.transAxes)
+            continue
         for kind, (c, mk) in style.items():
             sel = [p for p in pts if p[2]["kind"] == kind]
             ax.scatter([p[0] for p in sel], [p[1] for p in sel], c=c, marker=mk, label=names[kind], s=40)
@@ -356,9 +365,8 @@ def plot(rows: list[dict]) -> None:
                      .replace("low rank ", "").replace(" [mix-act]", "").replace("-bit", "b"))
             ax.annotate(short, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         # Pareto front: smaller size (or higher speed) and lower perplexity
-        front = pareto([p[2] for p in pts], x_of, smaller_x=ax is axes[0])
+        front = pareto([p[2] for p in pts], mib if ax is axes[0] else x_of, smaller_x=ax is axes[0])
         ax.plot([x_of(r) for r in front], [_geo(r) for r in front], "k--", lw=0.8, label="Pareto front")
-        ax.set_xlabel(xlabel)
         ax.set_ylabel("perplexity (geometric mean of PTB and BBC test)")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
