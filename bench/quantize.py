@@ -349,9 +349,13 @@ def plot(rows: list[dict]) -> None:
     names = {"dense": "dense fp32", "quant": "quantised (rtn/gptq)", "quant+eora": "quantised + EoRA",
              "lowrank": "low rank", "lowrank+quant": "low rank + 4-bit factors"}
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    interleaved = any(r.get("speed_vs_dense") for r in rows)
+    speed_key_, speed_label = (("speed_vs_dense", "prefill speed × dense fp32 (512-token prompt; layouts timed "
+                                                  "interleaved, medians)") if interleaved else
+                               ("prefill_vs_dense", "prefill speed × dense fp32 (one timing per row beside the dense "
+                                                    "model's; loaded machine: noise)"))
     for ax, x_of, xlabel in ((axes[0], lambda r: r["disk_bytes"] / 2**20, "bytes on disk (MiB)"),
-                             (axes[1], lambda r: r.get("speed_vs_dense", 0),
-                              "prefill speed × dense fp32 (512-token prompt; layouts timed interleaved, medians)")):
+                             (axes[1], lambda r: r.get(speed_key_, 0), speed_label)):
         pts = [(x_of(r), _geo(r), r) for r in rows if r["ppl_ptb"] < 1e3 and x_of(r)]
         ax.set_xlabel(xlabel)
         if not pts:
