@@ -3,8 +3,8 @@
 With only ``--out`` it runs the best setting we measured (the defaults of
 :class:`rankwise.quantization.api.QuantizeConfig`) on the built-in SmolLM2-135M with
 PTB+BBC-train calibration. On a ``rankwise compress`` output it quantises the low-rank
-factors. The output folder is written atomically; an existing folder is refused unless
-``--overwrite``.
+factors (or, for ``--method modegpt``, the kept block of every MoDeGPT layer). The output
+folder is written atomically; an existing folder is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
