@@ -263,13 +263,22 @@ def test_cholesky_in_place_uses_the_statistics_memory_and_undoes_a_failure() -> 
     f = cholesky_factor(work, overwrite=True)
     assert f.S.data_ptr() == work.data_ptr()  # no second n×n matrix
     assert torch.allclose(f.S, ref.S, atol=1e-12) and torch.equal(f.S, torch.tril(f.S))
-    # a singular C: the in-place attempt fails, C is restored bit for bit, the jitter path gives the same factor
+    # a singular C: a failed attempt is undone bit for bit (LAPACK touched one triangle, the diagonal is saved)
+    from rankwise.engine.whitening import _cholesky_in_place
+
     x2 = torch.randn(30, 20, generator=g, dtype=torch.float64)
     c2 = x2.T @ x2
     c2[:, 0] = c2[0, :] = 0.0
     c2 = 0.5 * (c2 + c2.T)
     work2 = c2.clone()
+    assert not _cholesky_in_place(work2) and torch.equal(work2, c2)
+    big = torch.randn(40, 700, generator=g, dtype=torch.float64)  # more than one 512-block to mirror
+    cbig = big.T @ big
+    cbig = 0.5 * (cbig + cbig.T)  # exactly symmetric (a matmul's two triangles differ in the last bits)
+    wbig = cbig.clone()
+    assert not _cholesky_in_place(wbig) and torch.equal(wbig, cbig)
+    # so the jitter path also runs in C's own memory, and gives the factor a copy would
     f2 = cholesky_factor(work2, overwrite=True, warn=False)
-    assert torch.equal(work2, c2)
     ref2 = cholesky_factor(c2, warn=False)
-    assert f2.jitter == ref2.jitter > 0 and torch.allclose(f2.S, ref2.S, atol=1e-12)
+    assert f2.S.data_ptr() == work2.data_ptr() and torch.equal(c2, c2.clone())
+    assert f2.jitter == ref2.jitter > 0 and torch.equal(f2.S, ref2.S)

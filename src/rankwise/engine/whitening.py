@@ -49,7 +49,9 @@ def _cholesky_in_place(C: torch.Tensor) -> bool:
     torch's ``cholesky_ex(out=C)`` zeroes the other triangle, so a failed attempt could not be undone; LAPACK's
     own ``dpotrf`` (through SciPy) touches one triangle only. The row-major C seen in column-major order is Cᵀ =
     C; asking for the upper factor U (UᵀU = C) writes U into the column-major upper triangle, which is the
-    row-major lower triangle: there it reads L = Uᵀ. The row-major strict upper triangle keeps C's values.
+    row-major lower triangle: there it reads L = Uᵀ. The row-major strict upper triangle keeps C's values, and a
+    failure is undone by mirroring it back (bit for bit where C is exactly symmetric; an accumulated XᵀX, whose
+    triangles differ in the last bits, comes back as its upper triangle's symmetric matrix).
     """
     from scipy.linalg import lapack
 
@@ -65,10 +67,19 @@ def _cholesky_in_place(C: torch.Tensor) -> bool:
         C.tril_()
         if bool(torch.isfinite(C).all()):
             return True
-    upper = torch.triu(C, 1)
-    C.copy_(upper + upper.T)
+    _lower_from_upper(C)
     C.diagonal().copy_(diag)
     return False
+
+
+def _lower_from_upper(C: torch.Tensor, block: int = 512) -> None:
+    """Mirror C's strict upper triangle into its lower one, in place, with block-sized temporaries only."""
+    n = C.shape[0]
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        C[s:e, :s].copy_(C[:s, s:e].T)
+        d = C[s:e, s:e]
+        d.copy_(torch.triu(d) + torch.triu(d, 1).T)
 
 
 def cholesky_factor(
@@ -85,58 +96,44 @@ def cholesky_factor(
     eigendecomposition with eigenvalues clamped at ``jitter``·mean(diag) and
     warns naming ``name``. Only C's lower triangle is read (C is symmetric). ``C`` is
     not modified, unless ``overwrite`` (a float64 CPU matrix the caller no longer needs):
-    then the factor is computed in C's own memory where C is positive definite.
+    then the factor is computed in C's own memory.
     """
-    # Memory, for the common case (C positive definite): L is the only n×n float64 matrix made beside the
-    # caller's C (no symmetrised copy, no identity, no explicit inverse; see WhiteningFactor), and with
-    # ``overwrite`` not even that. A jittered copy is made only when the plain Cholesky fails. For a 14336-wide
-    # down_proj that is 1.6 GB (0.8 GB with overwrite) instead of 4.9 GB.
+    # Memory: one n×n float64 matrix beside the caller's C (a working copy that becomes L; none with
+    # ``overwrite``), also when jitter is needed: the jitter goes onto the working copy's diagonal and a failed
+    # attempt is undone in place (no symmetrised copy, no identity, no explicit inverse; see WhiteningFactor).
+    # Statistics from fewer tokens than the matrix is wide (8B's 14336-wide down_proj on 8192 tokens) are
+    # singular and take the jitter path, so it matters as much as the first attempt. For a 14336-wide
+    # down_proj: 1.6 GB (0 with overwrite) instead of 4.9 GB.
     C = C.detach().to(torch.float64)
-    diag = C.diagonal()
-    scale = float(diag.mean().clamp_min(1e-30))
-    L = _try_cholesky(C, overwrite)
-    if L is not None:
-        return WhiteningFactor(S=L, method="cholesky", jitter=0.0)
-    sym = C + C.T
-    sym.mul_(0.5)
-    sdiag = sym.diagonal()
+    scale = float(C.diagonal().mean().clamp_min(1e-30))
+    in_place = C.device.type == "cpu" and _has_scipy()
+    work = C if overwrite and in_place and C.is_contiguous() else C.clone(memory_format=torch.contiguous_format)
+    diag = work.diagonal()
     applied = 0.0
-    for t in range(max_tries - 1):
-        eps = jitter * (10**t)
-        sdiag.add_((eps - applied) * scale)
+    for t in range(max_tries):
+        eps = 0.0 if t == 0 else jitter * 10 ** (t - 1)
+        diag.add_((eps - applied) * scale)
         applied = eps
-        L = _try_cholesky(sym, overwrite=False)
-        if L is not None:
-            return WhiteningFactor(S=L, method="cholesky", jitter=eps)
-    sdiag.sub_(applied * scale)
+        if in_place:
+            if _cholesky_in_place(work):
+                return WhiteningFactor(S=work, method="cholesky", jitter=eps)
+        else:
+            L, info = torch.linalg.cholesky_ex(work)
+            if int(info) == 0 and bool(torch.isfinite(L).all()):
+                return WhiteningFactor(S=L, method="cholesky", jitter=eps)
+            del L
+    diag.sub_(applied * scale)
     if warn:
         warnings.warn(
             f"input statistics of {name} are singular or indefinite; using a clamped "
             f"eigendecomposition instead of Cholesky (more calibration tokens would help)",
             stacklevel=2,
         )
-    lam, Q = torch.linalg.eigh(sym)
-    del sym
+    lam, Q = torch.linalg.eigh(work)  # reads the lower triangle, like Cholesky
+    del work, diag
     lam = lam.clamp_min(jitter * scale)
     root = lam.sqrt()
     return WhiteningFactor(S=Q * root, method="eigh", jitter=jitter, _S_inv=(Q / root).T)
-
-
-def _try_cholesky(C: torch.Tensor, overwrite: bool) -> torch.Tensor | None:
-    """The lower Cholesky factor of C, or None where C is not (numerically) positive definite.
-
-    On the CPU always through LAPACK's ``dpotrf`` (one routine whether or not C may be overwritten, so both give
-    bit-identical factors): in C's own memory with ``overwrite``, else in a copy. Elsewhere ``cholesky_ex``.
-    """
-    if C.device.type == "cpu" and _has_scipy():
-        work = C if overwrite and C.is_contiguous() else C.clone(memory_format=torch.contiguous_format)
-        if _cholesky_in_place(work):
-            return work
-        return None
-    L, info = torch.linalg.cholesky_ex(C)
-    if int(info) == 0 and bool(torch.isfinite(L).all()):
-        return L
-    return None
 
 
 def _has_scipy() -> bool:
