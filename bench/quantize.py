@@ -496,13 +496,13 @@ def speed(reps: int, configs: str) -> None:
     times: dict[str, list[float]] = {k: [] for k in models}
     for k in models:  # warm-up: one pass each
         prefill_seconds(models[k], ids, reps=1, warmup=False)
-    for _ in range(reps):
+    for rep in range(reps):  # written after every round: a run cut short keeps its complete rounds
         for k, model in models.items():
             times[k].append(prefill_seconds(model, ids, reps=1, warmup=False))
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    out = {k: {"prefill_s": times[k], "median_s": med[k], "tok_s": ids.shape[1] / med[k],
-               "vs_dense": med["dense"] / med[k]} for k in models}
-    write_result(SPEED, {"configs": out, "tokens": int(ids.shape[1]), "reps": reps, "group_size": GROUP})
+        med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        out = {k: {"prefill_s": times[k], "median_s": med[k], "tok_s": ids.shape[1] / med[k],
+                   "vs_dense": med["dense"] / med[k]} for k in models}
+        write_result(SPEED, {"configs": out, "tokens": int(ids.shape[1]), "reps": rep + 1, "group_size": GROUP})
     for k, v in out.items():
         print(f"{k:14s} {v['median_s']:7.2f} s  {v['tok_s']:7.1f} tok/s  {v['vs_dense']:.2f}× dense", flush=True)
 
