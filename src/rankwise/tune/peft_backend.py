@@ -238,12 +238,14 @@ class PeftMethod:
         if self.name == "eva":
             from peft import initialize_lora_eva_weights
 
+            from rankwise.progress import quiet
+
             rows = round(EVA_RHO * config.r)  # PEFT's n_components per layer
             moved = [{k: v.to(device) for k, v in b.items() if k != "labels"}
                      for b in _eva_batches([{k: v for k, v in b.items() if k != "labels"} for b in batches], rows)]
             initialize_lora_eva_weights(pm, moved, prepare_layer_inputs_fn=_eva_layer_inputs,
                                         forward_fn=_CappedForward(EVA_MAX_PASSES * len(moved), len(moved), rows),
-                                        show_progress_bar=progress)
+                                        show_progress_bar=progress and not quiet())
         init_dir = None
         if self.converts:
             # PEFT's recipe for a LoRA on the original weights: keep the initial adapter, saved as plain LoRA
