@@ -299,12 +299,14 @@ def print_tables(rows: list[dict[str, Any]]) -> str:
     tuned = tuned_comparison(rows)
     if tuned:
         lines += ["", "| row | lr | final loss (last 5) | / tuned AdamW | valid loss | / tuned AdamW "
-                  "| mean loss per window (" + ", ".join(tuned["windows"]) + ") |", "|---|---|---|---|---|---|---|"]
+                  "| mean loss per window (" + ", ".join(tuned["windows"]) + ") | paired Δ last 20 steps (± s.e.) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in tuned["rows"]:
             vl = "-" if r["valid_loss"] is None else f"{r['valid_loss']:.3f}"
             vr = "-" if r["valid_vs_tuned_adamw"] is None else f"{r['valid_vs_tuned_adamw']:.3f}"
             lines.append(f"| {r['name']} | {r['lr']:g} | {r['final_loss']:.3f} | {r['final_vs_tuned_adamw']:.3f} "
-                         f"| {vl} | {vr} | {' / '.join(f'{x:.3f}' for x in r['window_means'])} |")
+                         f"| {vl} | {vr} | {' / '.join(f'{x:.3f}' for x in r['window_means'])} "
+                         f"| {r['paired_diff_last20_mean']:+.3f} ± {r['paired_diff_last20_se']:.3f} |")
     text = "\n".join(lines)
     print(text)
     return text
@@ -334,10 +336,10 @@ def tuned_comparison(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     if "adamw" not in fam or len(fam) < 2:
         return None
 
-    def key(r: dict[str, Any]) -> float:
-        return r["valid_loss"] if r.get("valid_loss") is not None else r["final_loss"]
-
-    best = {b: min(rs, key=key) for b, rs in fam.items()}
+    # choose on PTB-valid loss when every row of the family has one, else (consistently) on the final train loss
+    on_valid = {b: all(r.get("valid_loss") is not None for r in rs) for b, rs in fam.items()}
+    best = {b: min(rs, key=lambda r, b=b: r["valid_loss"] if on_valid[b] else r["final_loss"])
+            for b, rs in fam.items()}
     ref = best["adamw"]
     n = min(len(r["losses"]) for rs in fam.values() for r in rs)
     wins = _windows(n)
@@ -362,6 +364,7 @@ def tuned_comparison(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
             "tuned_adamw": {"name": ref["name"], "lr": ref["lr"], "grid": lrs,
                             "interior": len(lrs) >= 3 and lrs[0] < ref["lr"] < lrs[-1]},
             "best_per_family": {b: r["name"] for b, r in best.items()},
+            "chosen_on": {b: "valid loss" if v else "final train loss" for b, v in on_valid.items()},
             "ranking_per_window": ranking, "ranking_stable": all(x == ranking[-1] for x in ranking)}
 
 
@@ -435,6 +438,7 @@ def check_goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
                      if b.startswith("rw-") and x["valid_vs_tuned_adamw"] is not None}
         goals["galore_within_5pct_of_tuned_adamw"] = {
             "tuned_adamw": tuned["tuned_adamw"], "best_per_family": tuned["best_per_family"],
+            "chosen_on": tuned["chosen_on"],
             "final_loss_relative": rel, "valid_loss_relative": rel_valid,
             "met_final_loss": {b: v <= 0.05 for b, v in rel.items()},
             "met_valid_loss": {b: v <= 0.05 for b, v in rel_valid.items()},
