@@ -636,6 +636,10 @@ def run_pipeline(
                 orig_kind="conv1d" if t.transposed else "linear", dtype=w.dtype,
             )
             set_module(model, name, layer)
+            # the replaced Linear stays referenced by its Target until the run ends: free its weight now, or a
+            # streamed run keeps every block's dense weights (measured: +0.12 GB per 1536/6144 block)
+            if not t.module.weight.is_meta:
+                t.module._parameters["weight"] = nn.Parameter(torch.empty_like(w, device="meta"), requires_grad=False)
         return bool(names)
 
     refined: dict[str, dict] = {}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from rankwise.compression.calibration.stats import LayerStats
-from rankwise.engine.svd import gram_eigh, gram_singular_values, thin_svd
+from rankwise.engine.svd import gram_eigh, thin_svd
 
 
 @dataclass
@@ -126,8 +126,10 @@ class Method:
         weights and float32 otherwise. ``vectors=False`` gives the singular values only (allocation).
         """
         t = self.transform(W.detach().to(torch.float64), stats, options or MethodOptions(), name)
-        if not vectors:  # spectra only (allocation): σ² from the float64 Gram matrix of M, no inverse kept
-            return Prepared(S=gram_singular_values(t.M))
+        if not vectors:  # spectra only (allocation): no vectors or inverse kept. σ from the same eigh as the
+            # factors' (not eigvalsh, whose last bits differ): with or without kept factors, in one process or
+            # several, the allocator sees identical spectra and gives the identical rank map
+            return Prepared(S=gram_eigh(t.M)[0])
         if solver == "svd":
             svd_dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
             U, S, Vh = thin_svd(t.M.to(svd_dtype))
