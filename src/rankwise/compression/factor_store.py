@@ -46,9 +46,6 @@ class FactorStore:
         free = shutil.disk_usage(root or tempfile.gettempdir()).free
         return need <= share * free
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._files
-
     def put(self, name: str, B: torch.Tensor, A: torch.Tensor) -> None:
         f = self.path / (re.sub(r"[^A-Za-z0-9_.-]", "_", name) + f".{len(self._files)}.safetensors")
         tensors = {"B": B.detach().to(torch.float32).cpu().contiguous(),
@@ -66,9 +63,3 @@ class FactorStore:
     def close(self) -> None:
         self._dir.cleanup()
         self._files.clear()
-
-    def __enter__(self) -> FactorStore:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

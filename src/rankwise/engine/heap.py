@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import gc
 
 
 @functools.cache
@@ -28,13 +27,11 @@ def _libc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "malloc_trim") else None  # glibc only (musl, macOS: no-op)
 
 
-def trim(collect: bool = False) -> bool:
-    """Return free heap pages to the OS (glibc ``malloc_trim``); ``collect`` runs the garbage collector first.
+def trim() -> bool:
+    """Return free heap pages to the OS (glibc ``malloc_trim``).
 
     Returns whether a trim was possible on this platform. Cheap (milliseconds): call it once per block.
     """
-    if collect:
-        gc.collect()
     libc = _libc()
     if libc is None:
         return False
