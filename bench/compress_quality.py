@@ -7,9 +7,12 @@ Rows are configuration dicts passed to ``CompressConfig(**row)`` (so a new lever
 * each new lever alone on top of ``today``: ``+anchor`` (output-anchored B; it needs sequential
   calibration to differ from whitened truncation, so the row is anchor + sequential), ``+refine``
   (block refinement), ``+calib`` (calibration mixture ptb+bbc), ``+guard`` (speed guard);
-* ``new default``: ``CompressConfig()``'s defaults as they are in the tree (or ``--new-default``);
-  ``new+refine``: the new default + block refinement (``--refine-steps``/``--refine-lr``), a candidate default;
-* ``modegpt``: MoDeGPT; ``+healing``: the new default + LoRA healing (reported apart: it trains).
+* ``new default``: ``CompressConfig()``'s defaults as they are in the tree (or ``--new-default``): since round 5
+  ``method="auto"``, i.e. MoDeGPT on SmolLM2 (the row records the method it ran and why);
+* ``r4``: round 4's default (whiten + loss-weighted global allocation, ptb+bbc calibration, speed guard);
+  ``new+refine``: ``r4`` + block refinement (``--refine-steps``/``--refine-lr``; refinement adapts factors);
+* ``modegpt``: MoDeGPT; ``+healing``: ``r4`` + LoRA healing (reported apart: it trains; healing adapts factors,
+  which MoDeGPT does not make).
 
 Rows whose fields do not exist in ``CompressConfig`` (yet) are skipped with a printed note.
 Evaluation: the first 4,096 tokens of PTB and BBC of the chosen split(s) in 512-token windows,
@@ -81,20 +84,22 @@ def rows_spec(args) -> dict[str, dict]:
         "today": dict(TODAY),
         "+guard": {**TODAY, "speed_guard": "auto"},
         "new": new,
+        "r4": {"method": "whiten"},
         "+calib": {**TODAY, "calib": args.calib_mix},
         "+anchor": {**TODAY, "anchor": True, "sequential": True},
         "+refine": {**TODAY, "refine_steps": args.refine_steps, **refine_lr},
-        "new+refine": {**new, "refine_steps": args.refine_steps, **refine_lr},
+        "new+refine": {**new, "method": "whiten", "refine_steps": args.refine_steps, **refine_lr},  # refines factors
         "modegpt": {"method": "modegpt", **parse_kv(args.modegpt)},
-        "+healing": {**new, "heal_steps": args.heal_steps},
+        "+healing": {**new, "method": "whiten", "heal_steps": args.heal_steps},  # healing adapts factors: whiten
     }
 
 
 LABELS = {"svd-llm": "SVD-LLM setting (whiten + uniform)", "today": "today's default (round 2)",
           "+anchor": "today + anchor (+ sequential)", "+refine": "today + block refinement",
           "+calib": "today + calibration mixture", "+guard": "today + speed guard", "new": "new default",
-          "new+refine": "new default + block refinement", "modegpt": "MoDeGPT", "+healing": "new default + healing"}
-FULL_RATIO_ROWS = ("svd-llm", "new")
+          "new+refine": "round-4 default + block refinement", "modegpt": "MoDeGPT",
+          "r4": "round-4 default (whiten + global, ptb+bbc)", "+healing": "round-4 default + healing"}
+FULL_RATIO_ROWS = ("svd-llm", "new", "r4")
 UNCACHED = ("today", "new")  # at TIME_RATIO these two always run their own calibration pass (their times compare)
 TIME_RATIO = 0.2
 
@@ -241,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {
             "tag": tag, "label": LABELS.get(tag, tag), "ratio": config.ratio,
             "config": {k: v for k, v in cfg.items() if k not in ("progress",)},
+            "method": res.method, "method_choice": res.method_choice,
             "achieved_ratio": res.achieved_ratio, "ppl": ppl, "compress_s": res.seconds, "compress_cpu_s": cpu_s,
             "cached": cached,
             "timings": res.timings, "eval_s": time.perf_counter() - t, "dense_matrices": len(res.dense),

@@ -201,3 +201,57 @@ def test_allocation_follows_influence_and_hits_the_ratio():
         assert a.sparsity[1] >= a.sparsity[2] >= a.sparsity[3] >= a.sparsity[0]  # important blocks lose less
     with pytest.raises(RankwiseError, match="out of reach"):
         allocate_sparsity(influence, lays, 0.99, fixed_params=0)
+
+
+# -- method="auto" (the default): modegpt where every block decomposes, whiten otherwise -------------------
+
+
+def test_auto_is_the_default_and_runs_modegpt_on_a_decomposable_model(tmp_path, one_torch_thread):
+    from rankwise.compression.api import CompressConfig
+
+    assert CompressConfig().method == "auto"
+    x = _windows(4, 16)
+    auto, explicit = _qwen2(), _qwen2()
+    res = compress(auto, ratio=0.3, calib=x, device="cpu", progress=False)
+    compress(explicit, method="modegpt", ratio=0.3, calib=x, device="cpu", progress=False)
+    assert res.method == "modegpt" and res.method_choice.startswith("auto → modegpt")
+    assert any(isinstance(m, SelectLinear) for m in auto.modules())
+    y = _windows(2, 16, seed=5)
+    torch.testing.assert_close(auto(y).logits, explicit(y).logits, atol=0, rtol=0)  # the same pipeline, bit for bit
+    rankwise.save(auto, tmp_path / "c")
+    meta = json.loads((tmp_path / "c" / "rankwise.json").read_text())
+    assert meta["method"] == "modegpt" and meta["config"]["method"] == "modegpt"
+    assert meta["method_choice"] == res.method_choice
+
+
+@pytest.mark.parametrize("option, why", [
+    ({"anchor": True}, "--anchor is an option of the whiten pipeline"),
+    ({"alloc": "uniform"}, "--alloc is an option of the whiten pipeline"),
+    ({"heal_steps": 1}, "heal-steps"),
+    ({"exclude": "mlp"}, "targets/--exclude"),
+])
+def test_auto_falls_back_to_whiten_with_its_reason(option, why, one_torch_thread):
+    from rankwise.compression.api import CompressConfig, choose_method
+    from rankwise.surgery.targets import find_targets
+
+    model = _llama()
+    config = CompressConfig(ratio=0.3, **option)
+    chosen, reason = choose_method(model, find_targets(model, config.targets, config.exclude), config)
+    assert chosen.method == "whiten" and reason.startswith("auto → whiten") and why in reason
+    assert {k: v for k, v in vars(chosen).items() if k != "method"} == {
+        k: v for k, v in vars(config).items() if k != "method"}  # nothing else changed
+    explicit = CompressConfig(ratio=0.3, method="svd")
+    assert choose_method(model, find_targets(model), explicit) == (explicit, None)  # only "auto" is resolved
+
+
+def test_auto_on_a_fused_layout_runs_whiten_and_names_the_module(one_torch_thread):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rankwise.surgery.lowrank import LowRankLinear
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=256, n_positions=64)).eval()
+    res = compress(gpt2, ratio=0.2, calib=_windows(4, 16), device="cpu", progress=False, speed_guard="off")
+    assert res.method == "whiten" and "transformer.h.0" in res.method_choice and "c_attn" in res.method_choice
+    assert "\n" not in res.method_choice
+    assert any(isinstance(m, LowRankLinear) for m in gpt2.modules())

@@ -54,8 +54,10 @@ def run(args: argparse.Namespace) -> int:
     config.progress = config.progress and dist.is_writer
     if dist.is_writer:
         console.print(
-            f"compressing {args.model or 'smollm2-135m'} with [bold]{config.method}[/bold] + [bold]{config.alloc}"
-            f"[/bold] allocation, ratio {config.ratio}, {'sequential' if config.sequential else 'one-pass'} "
+            f"compressing {args.model or 'smollm2-135m'} with "
+            + ("[bold]auto[/bold] (modegpt where every block decomposes, else whiten + global allocation)"
+               if config.method == "auto" else f"[bold]{config.method}[/bold] + [bold]{config.alloc}[/bold] allocation")
+            + f", ratio {config.ratio}, {'sequential' if config.sequential else 'one-pass'} "
             f"calibration on {config.calib} ({config.calib_samples}×{config.seq_len} tokens, seed {config.seed}), "
             f"streamed block by block (device {config.device}, dtype {config.dtype})"
         )
@@ -84,8 +86,10 @@ def _table(result, export_s: float, out, dense_dir) -> None:
     table = Table(title="rankwise compress", show_header=True)
     table.add_column("quantity")
     table.add_column("value", justify="right")
-    table.add_row("method / allocation", f"{result.method} / {result.alloc}"
-                  + (" / sequential" if result.sequential else ""))
+    alloc = "block influence" if result.method == "modegpt" else result.alloc  # modegpt allocates its own sparsity
+    table.add_row("method / allocation", f"{result.method} / {alloc}" + (" / sequential" if result.sequential else ""))
+    if getattr(result, "method_choice", None):
+        table.add_row("method choice", result.method_choice)
     table.add_row("params before", f"{result.params_before:,}")
     table.add_row("params after", f"{result.params_after:,}")
     table.add_row("targeted params before → after",

@@ -62,6 +62,17 @@ from rankwise.surgery.lowrank import LowRankLinear
 from rankwise.surgery.modules import set_module
 from rankwise.surgery.targets import Target, find_targets
 
+#: ``CompressConfig.method`` that picks the pipeline from the model (:func:`choose_method`)
+AUTO = "auto"
+#: options only the whiten + global pipeline reads: with ``method="auto"`` setting one of them selects it
+WHITEN_ONLY = ("anchor", "anchor_iters", "refine_steps", "shrink", "shrink_target", "alloc", "alloc_norm",
+               "alloc_sensitivity", "sens_samples", "min_rank_frac")
+
+
+def method_choices() -> tuple[str, ...]:
+    """``auto`` and every registered factorisation method (the CLI's ``--method`` choices)."""
+    return (AUTO, *METHODS.names())
+
 
 def _f(default: Any, help: str, **meta: Any) -> Any:  # noqa: A002 - argparse's word
     return field(default=default, metadata={"help": help, **meta})
@@ -76,7 +87,10 @@ class CompressConfig:
     """
 
     ratio: float = _f(0.2, "fraction of the targeted parameters to remove, in (0, 1)")
-    method: str = _f("whiten", "factorisation method", choices=METHODS.names)
+    method: str = _f("auto", "factorisation method; auto: modegpt where every block decomposes (q/k/v/o attention "
+                     "and a gated MLP, all targeted, no whiten-only option set), else whiten (the choice and its "
+                     "reason are recorded in rankwise.json; chosen on PTB valid + BBC valid, docs/quality.md)",
+                     choices=method_choices)
     alloc: str = _f("global", "rank allocation", choices=ALLOCATORS.names)
     sequential: bool = _f(False, "calibrate block ℓ on the outputs of the compressed blocks < ℓ")
     anchor: bool = _f(False, "solve each B in closed form against the dense layer's outputs on the inputs the "
@@ -137,7 +151,8 @@ class CompressConfig:
     def __post_init__(self) -> None:
         check_numbers(self)  # the API bypasses the CLI's parsing: finite floats, whole 64-bit ints
         self.ratio = check_ratio(self.ratio)
-        METHODS.check(self.method)
+        if self.method != AUTO:
+            METHODS.check(self.method)
         ALLOCATORS.check(self.alloc)
         for name in ("shrink_target", "alloc_norm", "alloc_sensitivity", "speed_guard"):
             choices = next(f for f in fields(self) if f.name == name).metadata["choices"]
@@ -214,6 +229,7 @@ class CompressResult:
     timings: dict = field(default_factory=dict)
     break_even: dict[str, int] = field(default_factory=dict)
     healing: dict | None = None  # HealResult.to_dict() when heal_steps > 0
+    method_choice: str | None = None  # method="auto": what it chose and why
 
     @property
     def dense(self) -> list[str]:
@@ -224,6 +240,35 @@ class CompressResult:
         d = asdict(self)
         d["dense"] = self.dense
         return d
+
+
+def choose_method(model: nn.Module, targets: list[Target], config: CompressConfig) -> tuple[CompressConfig, str | None]:
+    """Resolve ``method="auto"``: MoDeGPT where it can decompose every block, whiten + global allocation otherwise.
+
+    MoDeGPT was better than whiten + global on PTB valid and BBC valid at ρ 0.2 and 0.4 on SmolLM2
+    (docs/quality.md), but it needs separate q/k/v/o projections, a gated MLP and whole blocks: GPT-2's fused
+    ``c_attn``, per-head q/k norms, ``--targets``/``--exclude``, ``--heal-steps`` (it makes no factors) or any
+    whiten-only option (:data:`WHITEN_ONLY`) select whiten. Returns the config with the method it chose and a
+    one-line reason (None when the method was not ``auto``). Structure only: no data is read.
+    """
+    if config.method != AUTO:
+        return config, None
+    defaults = {f.name: f.default for f in fields(CompressConfig)}
+    given = [n for n in WHITEN_ONLY if getattr(config, n) != defaults[n]]
+    if given:
+        reason = f"--{given[0].replace('_', '-')} is an option of the whiten pipeline"
+    else:
+        from rankwise.compression.modegpt import allocate_sparsity, plan_modegpt
+
+        try:
+            _, layouts, _, fixed = plan_modegpt(model, targets, config, has_data=True)
+            allocate_sparsity([0.0] * len(layouts), layouts, config.ratio, fixed)  # the ratio is within its caps
+        except RankwiseError as exc:
+            reason = str(exc)
+        else:
+            return replace(config, method="modegpt"), (
+                f"auto → modegpt: all {len(layouts)} blocks have q/k/v/o attention and a gated MLP")
+    return replace(config, method="whiten"), f"auto → whiten: {reason}"
 
 
 # -- calibration input ------------------------------------------------------------------------------
@@ -371,6 +416,7 @@ def run_pipeline(
     ``keep_factors``: let the spectra pass keep factors on disk for the factorisation pass where that gives the
     same result (False: recompute them; tests compare the two).
     """
+    config, _ = choose_method(model, targets, config)  # callers that did not resolve method="auto" yet
     method = get_method(config.method)
     structured = getattr(method, "run_pipeline", None)
     if structured is not None:  # a method that rewrites whole blocks (modegpt) runs its own stages
@@ -764,6 +810,7 @@ def compress(
                                     "the model is broken, re-save or re-download it.")
         shapes = [t.shape for t in targets]
         check_reachable(shapes, config.ratio)
+        config, choice = choose_method(model, targets, config)
         params_before = _count(model)
         targeted_before = sum(m * n for m, n in shapes)
         method = get_method(config.method)
@@ -837,6 +884,7 @@ def compress(
         timings=timings,
         break_even={t.name: break_even_rank(*t.shape) for t in targets},
         healing=healing,
+        method_choice=choice,
     )
     if not math.isclose(result.achieved_ratio, out.alloc.achieved_ratio, rel_tol=1e-9, abs_tol=1e-12):
         raise RuntimeError("the rank map and the allocation disagree on the achieved ratio")  # a bug, not user error
@@ -868,4 +916,5 @@ def build_meta(config: CompressConfig, out: PipelineResult, result: CompressResu
         "timings": result.timings,
         **({"refine": out.refine} if out.refine else {}),
         **({"healing": result.healing} if result.healing else {}),
+        **({"method_choice": result.method_choice} if result.method_choice else {}),
     }

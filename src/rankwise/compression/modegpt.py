@@ -505,6 +505,38 @@ def compress_block(block: nn.Module, layout: Layout, st: BlockStats, sizes: Size
 # -- the pipeline ----------------------------------------------------------------------------------------
 
 
+def plan_modegpt(model: nn.Module, targets: list[Target], config: Any, *, has_data: bool
+                 ) -> tuple[Any, list[Layout], set[str], int]:
+    """Check that MoDeGPT can run on ``model`` with ``config`` and return its plan, before any work.
+
+    Returns ``(blocks, layouts, names, fixed)``: the decoder blocks, each block's :class:`Layout`, the names of
+    the seven linears of every block and the targeted weights outside them (kept dense). Raises a one-line
+    :class:`RankwiseError` naming the option or module that prevents it (``method="auto"`` uses the message as
+    its reason to fall back to ``whiten``).
+    """
+    if config.targets is not None or config.exclude is not None:
+        raise RankwiseError("--method modegpt decomposes whole blocks (attention and MLP together); it does not take "
+                            "--targets/--exclude.")
+    if not has_data:
+        raise RankwiseError("--method modegpt needs calibration data (text or token windows).")
+    if getattr(config, "heal_steps", 0):
+        raise RankwiseError("--heal-steps adapts low-rank factors, and --method modegpt makes none (it keeps rows and "
+                            "columns); drop --heal-steps or use another --method.")
+    blocks = find_blocks(model, targets)
+    if blocks is None:
+        raise RankwiseError("--method modegpt found no repeated decoder blocks holding the targeted layers.")
+    hf_config = getattr(model, "config", None)
+    hf_config = getattr(hf_config, "get_text_config", lambda: hf_config)() if hf_config is not None else None
+    layouts = [block_layout(f"{blocks.prefix}.{i}", b, hf_config) for i, b in enumerate(blocks.modules)]
+    names = {f"{lay.block}.{lay.rel(leaf)}" for lay in layouts for leaf in _ATTN + _MLP}
+    by_name = {t.name: t for t in targets}
+    missing = sorted(names - set(by_name))
+    if missing:
+        raise RankwiseError(f"--method modegpt needs {missing[0]} among the targeted layers; it is not one.")
+    fixed = sum(m * n for t in targets if t.name not in names for m, n in [t.shape])
+    return blocks, layouts, names, fixed
+
+
 def run_modegpt(
     model: nn.Module,
     targets: list[Target],
@@ -527,26 +559,7 @@ def run_modegpt(
     """
     from rankwise.compression.api import PipelineResult, _dist
 
-    if config.targets is not None or config.exclude is not None:
-        raise RankwiseError("--method modegpt decomposes whole blocks (attention and MLP together); it does not take "
-                            "--targets/--exclude.")
-    if loop is None:
-        raise RankwiseError("--method modegpt needs calibration data (text or token windows).")
-    if getattr(config, "heal_steps", 0):
-        raise RankwiseError("--heal-steps adapts low-rank factors, and --method modegpt makes none (it keeps rows and "
-                            "columns); drop --heal-steps or use another --method.")
-    blocks = find_blocks(model, targets)
-    if blocks is None:
-        raise RankwiseError("--method modegpt found no repeated decoder blocks holding the targeted layers.")
-    hf_config = getattr(model, "config", None)
-    hf_config = getattr(hf_config, "get_text_config", lambda: hf_config)() if hf_config is not None else None
-    layouts = [block_layout(f"{blocks.prefix}.{i}", b, hf_config) for i, b in enumerate(blocks.modules)]
-    names = {f"{lay.block}.{lay.rel(leaf)}" for lay in layouts for leaf in _ATTN + _MLP}
-    by_name = {t.name: t for t in targets}
-    missing = sorted(names - set(by_name))
-    if missing:
-        raise RankwiseError(f"--method modegpt needs {missing[0]} among the targeted layers; it is not one.")
-    fixed = sum(m * n for t in targets if t.name not in names for m, n in [t.shape])
+    blocks, layouts, names, fixed = plan_modegpt(model, targets, config, has_data=loop is not None)
     dist = _dist(device)
     sdev = stats_device(device)
     timings: dict[str, float] = {}

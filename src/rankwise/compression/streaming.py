@@ -42,6 +42,7 @@ from rankwise.compression.api import (
     _count,
     _dist,
     build_meta,
+    choose_method,
     resolve_calib,
     run_pipeline,
     sensitivity_windows,
@@ -250,7 +251,6 @@ def compress_checkpoint(
     # blocks (and the parts outside them) are read straight into the compute dtype: float32 where the device has
     # no fast kernels for the storage dtype (bf16 on an AVX2 CPU); written back in the storage dtype ``dtype``
     compute = compute_dtype(device, dtype, config.compute_dtype)
-    method = get_method(config.method)
     with torch_threads(config.threads):
         model = _skeleton(reader, compute)
         targets = find_targets(model, config.targets, config.exclude)
@@ -262,6 +262,8 @@ def compress_checkpoint(
         from rankwise.compression.allocation import check_reachable
 
         check_reachable(shapes, config.ratio)
+        config, choice = choose_method(model, targets, config)  # method="auto": modegpt or whiten, from structure
+        method = get_method(config.method)
         params_before = _count(model)
         targeted_before = sum(m * n for m, n in shapes)
         mat = _Materialiser(model, reader, device, compute)
@@ -388,7 +390,7 @@ def compress_checkpoint(
                 params_before=params_before, params_after=params_after, targeted_params_before=targeted_before,
                 targeted_params_after=targeted_after, seconds=time.perf_counter() - t0, method=config.method,
                 alloc=config.alloc, sequential=out_.sequential, calibration=calibration, timings=timings,
-                break_even={t.name: break_even_rank(*t.shape) for t in targets},
+                break_even={t.name: break_even_rank(*t.shape) for t in targets}, method_choice=choice,
             )
             if writer is not None:
                 # the tensors outside the blocks, each storage once (a tied head is the embedding)
