@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import re
 
 import pytest
 import torch
@@ -255,27 +254,3 @@ def test_eva_on_an_encoder_with_a_pooler_finishes(monkeypatch):
     with pytest.raises(RankwiseError, match=r"eva: PEFT's incremental SVD did not converge .* in 0 forwards"):
         apply(_tiny_bert(), AdapterConfig(method="eva", rank=2, modules_to_save="^classifier$"),
               data=_bert_batches(), progress=False)
-
-
-def test_loftq_without_bitsandbytes_or_cuda_is_one_line_error(monkeypatch, tmp_path, capsys):
-    """PEFT 0.21's LoftQ init needs bitsandbytes and a CUDA/XPU device (no CPU path): rankwise says which is
-    missing, in the API and in the CLI before any model is loaded."""
-    import rankwise.io.models as models
-    from rankwise.cli.main import main
-    from rankwise.tune.peft_backend import loftq_missing
-
-    missing = loftq_missing()
-    if not missing:
-        pytest.skip("this machine can run PEFT's LoftQ")
-    want = "loftq needs " + " and ".join(missing)
-    with pytest.raises(RankwiseError, match=re.escape(want)):
-        apply(tiny_llama(), AdapterConfig(method="loftq", rank=2, targets=TARGETS), progress=False)
-
-    def no_load(*a, **k):
-        raise AssertionError("the model was loaded before the loftq check")
-
-    monkeypatch.setattr(models, "load_model", no_load)
-    assert main(["tune", "--method", "loftq", "--data", "ptb", "--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and want in err[0]
-    assert not (tmp_path / "o").exists()

@@ -36,7 +36,8 @@ class AdapterConfig:
             ``dora``, ``adalora``, ``eva``, ``olora``, ``corda``, ``loftq``.
         rank: adapter rank r (default 8). For ``svfit`` ``None`` means "energy rank at ``energy``" per matrix.
             Must satisfy 0 < r < min(m, n) for every targeted matrix. AdaLoRA's initial rank.
-        alpha: LoRA-style scale numerator, ΔW = (alpha / r)·B A (default 2·r, PEFT's common choice).
+        alpha: LoRA-style scale numerator, ΔW = (alpha / r)·B A (default 2·r, PEFT's common choice; loftq: r,
+            since PEFT's LoftQ factors carry no 1/scale, so only alpha = r makes Q + (alpha/r)·B A ≈ W).
         targets: regex searched in module names (``None``: every linear layer except the LM head / tied layers
             and the ``modules_to_save``).
         exclude: regex of module names to leave alone.
@@ -53,6 +54,7 @@ class AdapterConfig:
         target_rank: adalora: the average rank budget it prunes to (default rank // 2).
         init_batches: lora-ga / eva / corda: training batches used for the data-driven init (default 8).
         ga_gamma: lora-ga: γ of the paper's stable scale, factors × m^¼/√γ (default 16).
+        loftq_iter: loftq: alternating NF4-quantisation / rank-r SVD iterations (PEFT's ``loftq_iter``, default 1).
         total_steps: adalora: the training length its rank schedule needs (set by the trainer).
         seed: seed of random initialisations (LoRA's Kaiming A, randomized SVD sketches, DyLoRA's rank draws).
     """
@@ -81,6 +83,7 @@ class AdapterConfig:
     init_batches: int = field(default=8, metadata={"help": "lora-ga / eva / corda: training batches for the "
                                                            "data-driven init"})
     ga_gamma: float = field(default=16.0, metadata={"help": "lora-ga: gamma of the stable scale m^(1/4)/sqrt(gamma)"})
+    loftq_iter: int = field(default=1, metadata={"help": "loftq: alternating NF4-quantise / SVD iterations"})
     total_steps: int | None = field(default=None, metadata={"cli": False})
     seed: int = field(default=0, metadata={"cli": False})
     extra: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
@@ -96,8 +99,14 @@ class AdapterConfig:
 
     @property
     def lora_alpha(self) -> float:
-        """alpha, defaulting to 2·r."""
-        return float(2 * self.r if self.alpha is None else self.alpha)
+        """alpha, defaulting to 2·r (loftq: r).
+
+        PEFT's LoftQ init sets B A to the rank-r part of W − Q without dividing by the scale α/r (PEFT issue
+        #1982), so with α = 2r the start would be Q + 2·(W − Q)_r, no closer to W than Q itself; α = r keeps
+        LoftQ's Q + B A ≈ W."""
+        if self.alpha is None:
+            return float(self.r if self.method == "loftq" else 2 * self.r)
+        return float(self.alpha)
 
     @property
     def scaling(self) -> float:
@@ -120,6 +129,7 @@ class AdapterConfig:
         self._positive("target_rank", self.target_rank, "--target-rank")
         self._positive("init_batches", self.init_batches, "--init-batches")
         self._positive("total_steps", self.total_steps, "--steps")
+        self._positive("loftq_iter", self.loftq_iter, "--loftq-iter")
         if self.eval_rank is not None and self.eval_rank > self.r:
             raise RankwiseError(f"--eval-rank {self.eval_rank} is above the trained rank {self.r}; DyLoRA serves "
                                 f"every rank from 1 to {self.r}.")

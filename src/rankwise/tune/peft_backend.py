@@ -178,9 +178,10 @@ class PeftMethod:
 
             kw["init_lora_weights"] = "corda"
             kw["corda_config"] = CordaConfig(corda_method="ipm")
-        elif self.name == "loftq":
+        elif self.name == "loftq" and loftq_on_peft_device():
             kw["init_lora_weights"] = "loftq"
-            kw["loftq_config"] = peft.LoftQConfig(loftq_bits=4)
+            kw["loftq_config"] = peft.LoftQConfig(loftq_bits=LOFTQ_BITS, loftq_iter=int(config.loftq_iter))
+        # loftq elsewhere: a plain LoRA config, initialised afterwards by loftq_init_on_device (PEFT's algorithm)
         return peft.LoraConfig(**kw)
 
     def check_layers(self, targets: list[tuple[str, nn.Module]]) -> None:
@@ -194,18 +195,18 @@ class PeftMethod:
                 )
 
     def check_environment(self) -> None:
-        """One-line error when this machine lacks what PEFT's implementation of the method needs (loftq).
+        """One-line error when this machine lacks what the method needs (loftq: bitsandbytes' NF4 quantiser).
 
-        PEFT 0.21's ``loftq_init`` quantises W to NF4 with bitsandbytes only (its pure-torch NF4 quantizer was
-        removed in PEFT 0.20: "Native support for nf4 is was removed") and moves W to ``"cuda"`` (or ``"xpu"``)
-        unconditionally, so it needs both bitsandbytes and a CUDA/XPU device.
+        PEFT 0.21's ``loftq_init`` quantises W to NF4 with bitsandbytes only (its pure-torch ``NFQuantizer`` was
+        removed in PEFT 0.20: "Native support for nf4 is was removed"). Without a CUDA/XPU device rankwise runs the
+        same algorithm on W's own device (:func:`loftq_init_on_device`), so only bitsandbytes is required.
         """
         if self.name == "loftq":
             missing = loftq_missing()
             if missing:
-                raise RankwiseError(f"loftq needs {' and '.join(missing)}: PEFT {_peft().__version__}'s LoftQ init "
-                                    "quantises W with bitsandbytes on a CUDA/XPU device (no CPU path); use olora or "
-                                    "pissa on this machine.")
+                raise RankwiseError(f"loftq needs {' and '.join(missing)}: LoftQ quantises W to NF4 with "
+                                    f"bitsandbytes' quantiser (PEFT {_peft().__version__} has no other); use olora "
+                                    "or pissa without it.")
 
     # -- build ----------------------------------------------------------------------------------------
     def build(self, model: nn.Module, config, targets: list[tuple[str, nn.Module]], mts: list[str],
@@ -246,6 +247,8 @@ class PeftMethod:
             initialize_lora_eva_weights(pm, moved, prepare_layer_inputs_fn=_eva_layer_inputs,
                                         forward_fn=_CappedForward(EVA_MAX_PASSES * len(moved), len(moved), rows),
                                         show_progress_bar=progress and not quiet())
+        if self.name == "loftq" and not loftq_on_peft_device():
+            loftq_init_on_device(pm, num_bits=LOFTQ_BITS, num_iter=int(config.loftq_iter), progress=progress)
         init_dir = None
         if self.converts:
             # PEFT's recipe for a LoRA on the original weights: keep the initial adapter, saved as plain LoRA
@@ -281,21 +284,71 @@ PEFT_BUILDERS: dict[str, PeftMethod] = {
     "eva": PeftMethod("eva", _LINEAR, needs_data=True),
     "olora": PeftMethod("olora", (nn.Linear,), converts=True),
     "corda": PeftMethod("corda", (nn.Linear,), needs_data=True, converts=True),
-    "loftq": PeftMethod("loftq", _LINEAR, keeps_base=True),
+    "loftq": PeftMethod("loftq", (nn.Linear,), keeps_base=True),
 }
 
 
+LOFTQ_BITS = 4
+"""loftq's quantisation width: NF4 (PEFT's LoftQConfig default)."""
+
+
 def loftq_missing() -> list[str]:
-    """What this machine lacks for PEFT's LoftQ init (empty when it can run): bitsandbytes, a CUDA/XPU device."""
+    """What this machine lacks for the LoftQ init (empty when it can run): bitsandbytes, whose NF4 quantiser
+    (``bitsandbytes.nn.Params4bit``) both paths use; CPU support for it needs bitsandbytes >= 0.48."""
     import importlib.util
 
-    missing = []
-    if importlib.util.find_spec("bitsandbytes") is None:
-        missing.append("bitsandbytes (pip install bitsandbytes)")
+    return [] if importlib.util.find_spec("bitsandbytes") is not None else ["bitsandbytes (pip install bitsandbytes)"]
+
+
+def loftq_on_peft_device() -> bool:
+    """True where PEFT's own ``loftq_init`` can run: it computes on ``"cuda"`` (or ``"xpu"``) unconditionally."""
     xpu = getattr(torch, "xpu", None)
-    if not torch.cuda.is_available() and not (xpu is not None and xpu.is_available()):
-        missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
-    return missing
+    return torch.cuda.is_available() or (xpu is not None and xpu.is_available())
+
+
+@torch.no_grad()
+def loftq_init_on_device(pm: nn.Module, num_bits: int = LOFTQ_BITS, num_iter: int = 1, progress: bool = True) -> None:
+    """PEFT's LoftQ init of every LoRA layer of ``pm``, computed on the weight's own device (CPU included).
+
+    Why not PEFT's: ``peft.utils.loftq_utils.loftq_init`` (0.21) moves W to ``"cuda"``/``"xpu"`` unconditionally,
+    so it has no CPU path, and its pure-torch ``NFQuantizer`` is gone (removed in PEFT 0.20). This is the same
+    algorithm, line for line, with the same quantiser — bitsandbytes' ``Params4bit(..., compress_statistics=False,
+    quant_type="nf4")`` (blocks of 64, one fp32 absmax each; bitsandbytes quantises on CPU too) and its
+    ``dequantize_4bit`` — and PEFT's own ``_low_rank_decomposition``: Q = NF4(W − B A) (B A = 0 at first),
+    L, R = rank-r SVD of W − Q split as U√S, √S Vᵀ, repeated ``num_iter`` times; lora_A = R, lora_B = L (no 1/scale,
+    like PEFT) and the base weight replaced by Q, as PEFT's ``LoraLayer.loftq_init`` does.
+    """
+    if num_bits != 4:
+        raise RankwiseError(f"loftq on this device supports 4-bit NF4 only, got {num_bits} bits.")
+    import bitsandbytes as bnb
+    from peft.utils.loftq_utils import _low_rank_decomposition
+
+    from rankwise.progress import progress as progress_bar
+
+    layers = [(n, lay) for n, lay in peft_layers(pm).items() if "default" in getattr(lay, "lora_A", {})]
+    for name, layer in progress_bar(layers, desc="loftq init", unit="layer", enabled=progress):
+        base = layer.get_base_layer()
+        if not isinstance(base, nn.Linear):  # Conv1D stores Wᵀ: PEFT's R would be r×out where lora_A is r×in
+            raise RankwiseError(f"PEFT's loftq does not support layers of type {type(base).__name__} "
+                                f"({name.removeprefix('base_model.model.')}); "
+                                "it adapts Linear only: choose other --targets.")
+        device, dtype = base.weight.device, base.weight.dtype
+        weight = base.weight.detach().to(torch.float32)
+        res = weight.clone()
+        for i in range(num_iter):
+            qweight = bnb.nn.Params4bit(res.to("cpu"), requires_grad=False, compress_statistics=False,
+                                        quant_type="nf4").to(device)
+            dequantized = bnb.functional.dequantize_4bit(qweight.data, qweight.quant_state)
+            res = weight - dequantized
+            out = _low_rank_decomposition(res, reduced_rank=int(layer.r["default"]))
+            lora_b, lora_a = out["L"], out["R"]
+            if i + 1 == num_iter:
+                break
+            res = weight - torch.mm(lora_b, lora_a)
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        a.data = lora_a.to(device=a.device, dtype=a.dtype).contiguous()
+        b.data = lora_b.to(device=b.device, dtype=b.dtype).contiguous()
+        base.weight.data = dequantized.to(device=device, dtype=dtype)
 
 
 def method_of(model: nn.Module) -> PeftMethod:
@@ -331,10 +384,17 @@ def save(model: nn.Module, folder: Path, record: dict[str, Any] | None) -> None:
     kw = {}
     if pm.converts and init_dir is not None:
         kw["path_initial_model_for_weight_conversion"] = init_dir.name
-    model.save_pretrained(str(folder), **kw)
+    c = model.peft_config["default"]
+    init, loftq_cfg = c.init_lora_weights, getattr(c, "loftq_config", {})
+    if pm.name == "loftq":  # already initialised: PeftModel.from_pretrained must not run LoftQ (CUDA-only) again
+        c.init_lora_weights, c.loftq_config = True, {}
+    try:
+        model.save_pretrained(str(folder), **kw)
+    finally:
+        c.init_lora_weights, c.loftq_config = init, loftq_cfg
     if pm.keeps_base:
-        tensors = {n: t.weight.detach().cpu().contiguous() for n, t in
-                   ((n, layer.get_base_layer()) for n, layer in peft_layers(model).items())}
+        tensors = {n.removeprefix("base_model.model."): layer.get_base_layer().weight.detach().cpu().contiguous()
+                   for n, layer in peft_layers(model).items()}  # keyed by the plain model's module names
         save_file(tensors, str(folder / RANKWISE_BASE_FILE))
     if record is not None:
         (folder / META_FILE).write_text(json.dumps(record, indent=2))
