@@ -107,6 +107,12 @@ def compress_copy(dense: torch.nn.Module, ratio: float, alloc: str) -> tuple[tor
         fact = [mod for mod in model.modules() if isinstance(mod, LowRankLinear)]
         kept = sum(mod.num_params for mod in fact) / sum(mod.in_features * mod.out_features for mod in fact)
         info = {"via": "exact SVD, uniform rank floor((1-ratio)mn/(m+n))", "achieved_ratio": 1 - kept}
+    elif alloc == "auto":  # the whole default pipeline (method="auto": MoDeGPT on SmolLM2), one run per ratio
+        from rankwise.compression.api import CompressConfig, compress
+
+        res = compress(model, CompressConfig(ratio=ratio, progress=False))
+        info = {"via": "rankwise.compress(CompressConfig(ratio=ratio)) (the default pipeline)",
+                "achieved_ratio": res.achieved_ratio, "method": res.method, "method_choice": res.method_choice}
     else:
         from rankwise.compression.api import CompressConfig, compress
 
@@ -142,7 +148,8 @@ def default_allocation_inputs(dense: torch.nn.Module, tok, pipeline: dict) -> di
         raise _Captured
 
     model = copy.deepcopy(dense)
-    config = api.CompressConfig(**{**pipeline, "ratio": 0.2, "progress": False})
+    # the whiten pipeline (method="auto" would run MoDeGPT on SmolLM2, which has no allocator to intercept)
+    config = api.CompressConfig(**{"method": "whiten", **pipeline, "ratio": 0.2, "progress": False})
     t0 = time.time()
     with mock.patch.object(api, "guarded_allocate", capture):
         try:
@@ -237,11 +244,60 @@ def layer_report(model: torch.nn.Module) -> list[dict]:
     return rows
 
 
+def _best_time(calls: list, x: list[torch.Tensor], rounds: int, target_s: float = 0.004) -> list[float]:
+    """Per-call seconds of each ``calls[i](x[i])``: best of ``rounds`` interleaved rounds of enough calls."""
+    with torch.no_grad():
+        reps = []
+        for f, xi in zip(calls, x):
+            f(xi)
+            t = time.perf_counter()
+            f(xi)
+            reps.append(max(1, int(target_s / max(time.perf_counter() - t, 1e-7))))
+        best = [math.inf] * len(calls)
+        for _ in range(rounds):
+            for i, (f, xi) in enumerate(zip(calls, x)):
+                t = time.perf_counter()
+                for _ in range(reps[i]):
+                    f(xi)
+                best[i] = min(best[i], (time.perf_counter() - t) / reps[i])
+    return best
+
+
+def select_layer_report(model: torch.nn.Module, rounds: int) -> list[dict]:
+    """Every MoDeGPT ``SelectLinear`` timed against a dense layer of the shape it replaced, at 1 and 512 tokens.
+
+    Measured, not modelled: the cost model of :mod:`rankwise.evaluation.speed` describes two matmuls, not a
+    smaller matmul plus a gather/scatter. Layers with the same geometry are timed once.
+    """
+    from rankwise.surgery.select import SelectLinear
+
+    rows, done = [], {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, SelectLinear):
+            continue
+        n_in = mod.in_features if (mod.gather_in or mod.in_index is None) else mod.weight.shape[1]
+        key = (mod.in_features, mod.out_features, tuple(mod.weight.shape), mod.scatter_out, mod.gather_in, n_in)
+        if key not in done:
+            dense = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None).eval()
+            res = {}
+            for t in (1, 512):
+                d_s, s_s = _best_time([dense, mod], [torch.randn(1, t, mod.in_features), torch.randn(1, t, n_in)],
+                                      rounds)
+                res[t] = {"dense_us": d_s * 1e6, "select_us": s_s * 1e6, "slower": s_s > d_s}
+            done[key] = res
+        res = done[key]
+        rows.append({"name": name, "shape": [mod.out_features, mod.in_features], "kept": list(mod.weight.shape),
+                     **{f"{k}_{t}": v for t, r in res.items() for k, v in r.items()}})
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5")
     ap.add_argument("--allocs", default="default",
-                    help="default (the default pipeline) and/or uniform, global, welore (plain SVD, no guard)")
+                    help="default (round 4's whiten pipeline, allocation inputs shared across ratios), auto (the whole "
+                         "default pipeline per ratio: MoDeGPT on SmolLM2) and/or uniform, global, welore (plain SVD, "
+                         "no guard)")
     ap.add_argument("--pipeline", default="", help="key=value,... CompressConfig overrides of the default pipeline")
     ap.add_argument("--guard-off", action="store_true",
                     help="also compress each ratio with speed_guard=off and report its slow layers")
@@ -327,6 +383,7 @@ def main() -> int:
     rows = {}
     for key, s in speed.items():
         rep = layer_report(models[key])
+        sel = select_layer_report(models[key], args.layer_rounds) if key != "dense" else []
         sz = size_report(models[key])
         rows[key] = {
             "compression": info.get(key),
@@ -351,6 +408,9 @@ def main() -> int:
             "layers_above_break_even": sum(r["above_break_even"] for r in rep),
             "layers_above_speed_break_even_prefill": sum(r["rank"] > r["speed_break_even_prefill"] for r in rep),
             "layers_above_speed_break_even_decode": sum(r["rank"] > r["speed_break_even_decode"] for r in rep),
+            "select_layers": sel,
+            "select_layers_slower_prefill": sum(r["slower_512"] for r in sel),
+            "select_layers_slower_decode": sum(r["slower_1"] for r in sel),
         }
     result["models"] = rows
     result["untimed"] = untimed
@@ -359,7 +419,7 @@ def main() -> int:
                           "prefill": "one forward, KV cache built, logits of the last position only"}
     timed = [k for k in rows if k != "dense"]
     slow = {k: rows[k]["layers_above_speed_break_even_prefill"] + rows[k]["layers_above_speed_break_even_decode"]
-            for k in timed}
+            + rows[k]["select_layers_slower_prefill"] + rows[k]["select_layers_slower_decode"] for k in timed}
     result["goal_no_layer_slower_than_dense"] = {"slow_layers_prefill_plus_decode": slow,
                                                  "met": all(v == 0 for k, v in slow.items()
                                                             if not k.startswith(("uniform", "global", "welore")))}
