@@ -219,28 +219,57 @@ def _bert_batches(lengths=(12, 9, 12, 7)) -> list[dict[str, torch.Tensor]]:
              "attention_mask": torch.ones(2, n, dtype=torch.long), "labels": torch.tensor([0, 2])} for n in lengths]
 
 
-def test_eva_batches_grouped_padded_and_masked():
-    """Init batches are concatenated into groups of >= rows sequences; shorter ones right-padded and masked out."""
+def test_eva_batches_one_padded_masked_batch():
+    """All init batches go to PEFT's EVA as one batch; shorter sequences right-padded and masked out."""
     from rankwise.tune.peft_backend import _eva_batches
 
     batches = [{k: v for k, v in b.items() if k != "labels"} for b in _bert_batches()]
-    assert _eva_batches(batches, 2) is batches  # already big enough: PEFT gets them unchanged
-    groups = _eva_batches(batches, 4)
-    assert [tuple(g["input_ids"].shape) for g in groups] == [(4, 12), (4, 12)]
-    assert torch.equal(groups[0]["input_ids"][2:, :9], batches[1]["input_ids"])
-    assert torch.equal(groups[1]["attention_mask"][2:].sum(1), torch.tensor([7, 7]))  # padding masked out
-    assert torch.equal(groups[1]["input_ids"][2:, 7:], torch.zeros(2, 5, dtype=torch.long))
-    assert [len(g["input_ids"]) for g in _eva_batches(batches, 6)] == [8]  # the short tail joins the group before
-    lm = _eva_batches([{"input_ids": IDS}, {"input_ids": IDS[:, :5]}], 4)[0]  # no mask given: one is made
+    assert _eva_batches(batches[:1]) == batches[:1]  # one batch: PEFT gets it unchanged
+    (one,) = _eva_batches(batches)
+    assert tuple(one["input_ids"].shape) == (8, 12)
+    assert torch.equal(one["input_ids"][2:4, :9], batches[1]["input_ids"])
+    assert torch.equal(one["attention_mask"].sum(1), torch.tensor([12, 12, 9, 9, 12, 12, 7, 7]))  # padding masked
+    assert torch.equal(one["input_ids"][6:, 7:], torch.zeros(2, 5, dtype=torch.long))
+    (lm,) = _eva_batches([{"input_ids": IDS}, {"input_ids": IDS[:, :5]}])  # no mask given: one is made
     assert lm["attention_mask"].sum() == 2 * 12 + 2 * 5
-    assert [len(g["input_ids"]) for g in _eva_batches(batches, 10)] == [8]  # too few in all: one batch
+
+
+def test_eva_convergence_test_ignores_a_sign_flip():
+    """PEFT's incremental PCA fixes signs by the largest |v| entry, which can flip a component between steps
+    (cosine -1): PEFT's own SVDHook then never counts it converged; rankwise's counts |cos|."""
+    from peft.tuners.lora.eva import SVDHook
+
+    from rankwise.tune.peft_backend import _sign_invariant_svd_hook
+
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0)) * torch.tensor([9, 5, 3, 1, 1, 1, 1, 1.0])
+    results = {}
+    for cls in (SVDHook, _sign_invariant_svd_hook()):
+        hook = cls(n_components=2, sim_thresh=0.99, name="layer", gather_distributed_inputs=False)
+        hook(None, (x,), None)
+        fit = hook.svd.partial_fit
+
+        def flipped(data, check_input=True, fit=fit, hook=hook):  # the same data, each component's sign flipped
+            out = fit(data, check_input)
+            hook.svd.components_ = -hook.svd.components_
+            return out
+
+        hook.svd.partial_fit = flipped
+        hook(None, (x,), None)
+        results[cls.__name__] = hook.converged.tolist()
+        hook(None, (x[:1],), None)  # fewer rows than components: PEFT skips the step, the flag must stay
+        assert hook.converged.tolist() == results[cls.__name__]
+    assert results == {"SVDHook": [False, False], "SignInvariantSVDHook": [True, True]}
 
 
 def test_eva_on_an_encoder_with_a_pooler_finishes(monkeypatch):
     """BERT's pooler sees one vector per sequence: with batches of 2 sequences and 2r = 4 components PEFT's EVA
-    skipped its SVD every step and cycled forever (the missing BBC row). Grouped batches let it converge; PEFT's
-    loop is also capped with a one-line error."""
+    skipped its SVD every step and cycled forever (the missing BBC row). One batch of all the init data converges
+    in a few forwards; PEFT's loop is also capped with a one-line error."""
     import rankwise.tune.peft_backend as pb
+
+    forwards = []
+    capped = pb._CappedForward.__call__
+    monkeypatch.setattr(pb._CappedForward, "__call__", lambda self, m, x: forwards.append(1) or capped(self, m, x))
 
     bert = _tiny_bert()
     ref = bert(**{k: v for k, v in _bert_batches()[0].items() if k != "labels"}).logits
@@ -250,6 +279,7 @@ def test_eva_on_an_encoder_with_a_pooler_finishes(monkeypatch):
     out = pm.eval()(**{k: v for k, v in _bert_batches()[0].items() if k != "labels"}).logits
     assert torch.allclose(out, ref, atol=1e-5)  # EVA's B starts at 0: the function is kept
     assert trainable_parameters(pm) == closed_form_trainable(pm) > 0
+    assert len(forwards) <= 4, len(forwards)  # the hashing forward, two fits, the converged check
     monkeypatch.setattr(pb, "EVA_MAX_PASSES", 0)
     with pytest.raises(RankwiseError, match=r"eva: PEFT's incremental SVD did not converge .* in 0 forwards"):
         apply(_tiny_bert(), AdapterConfig(method="eva", rank=2, modules_to_save="^classifier$"),
