@@ -24,9 +24,9 @@ Parts (``--parts``, default all but ``heal``), scaled so the whole script fits a
   of ``--cls-lrs`` × every seed of ``--seeds``; per method the LR with the best mean *validation* accuracy is
   chosen and its mean test accuracy (± sd over seeds) reported.
 
-Excluded from classify/lm: welore-lrc and heal (they need a compressed model: part ``heal``) and
-loftq (PEFT 0.21's LoftQ init quantises with bitsandbytes on a CUDA/XPU device, no CPU path; this box has
-neither, and ``rankwise tune --method loftq`` says so in one line).
+Excluded from classify/lm: welore-lrc and heal (they need a compressed model: part ``heal``). loftq runs
+with alpha = r (its default: PEFT's LoftQ factors carry no 1/scale), through PEFT's ``loftq_init`` on a
+CUDA/XPU machine and through rankwise's CPU path of the same algorithm elsewhere (needs bitsandbytes).
 
     python bench/tune_quality.py                       # everything, reduced protocol (~40 min, 1 thread)
     python bench/tune_quality.py --parts classify,init  # a subset
@@ -67,7 +67,7 @@ from rankwise.tune.registry import DATA_INIT_METHODS  # noqa: E402
 
 PICTURE = Path(__file__).resolve().parent.parent / "docs" / "img" / "tune_quality.png"
 ALL = ["lora", "pissa", "svfit", "salt", "sorsa", "loldu", "lora-xs", "lora-ga", "dylora",
-       "dora", "adalora", "eva", "olora", "corda"]
+       "dora", "adalora", "eva", "olora", "corda", "loftq"]
 
 
 def attach(model, method: str, rank: int, alpha: float, head: str | None, steps: int,
@@ -89,7 +89,8 @@ def attach(model, method: str, rank: int, alpha: float, head: str | None, steps:
                                                            modules_to_save=[head] if head else None))
     else:
         name, _, variant = method.partition("@")
-        cfg = AdapterConfig(method=name, rank=None if name == "svfit" else rank, alpha=alpha,
+        cfg = AdapterConfig(method=name, rank=None if name == "svfit" else rank,
+                            alpha=None if name == "loftq" else alpha,  # loftq: alpha = r (see AdapterConfig)
                             modules_to_save=f"^{head}$" if head else None, total_steps=steps, seed=seed,
                             targets=targets,
                             svd="randomized" if variant == "rand" else "exact")
