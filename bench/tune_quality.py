@@ -503,7 +503,7 @@ def picture(out: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(parts), figsize=(6.5 * len(parts), 4.8), squeeze=False)
     for ax, (key, metric) in zip(axes[0], parts):
         for r in out[key]["rows"]:
-            peft_backed = r["method"].split(" ")[0] in ("dora", "adalora", "eva", "olora", "corda")
+            peft_backed = r["method"].split(" ")[0] in ("dora", "adalora", "eva", "olora", "corda", "loftq")
             ax.errorbar(r["trainable_parameters"], r[metric], yerr=r.get("test_sd") or None,
                         fmt="s" if peft_backed else "o", color="tab:orange" if peft_backed else "tab:blue",
                         capsize=3)
