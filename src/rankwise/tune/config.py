@@ -62,7 +62,7 @@ class AdapterConfig:
     method: str = field(default="lora", metadata={"help": "adapter method", "choices": _method_names})
     rank: int | None = field(default=None, metadata={"help": "adapter rank (default 8; svfit: energy rank)"})
     alpha: float | None = field(default=None, metadata={"help": "scale numerator, ΔW = (alpha/rank)·BA "
-                                                                 "(default 2·rank)"})
+                                                                 "(default 2·rank; loftq: rank)"})
     targets: str | None = field(default=None, metadata={"help": "regex of module names to adapt "
                                                                 "(default: all linear layers)"})
     exclude: str | None = field(default=None, metadata={"help": "regex of module names to leave alone"})
