@@ -189,7 +189,7 @@ def test_sequential_output_closer_to_dense_than_non_sequential_at_high_ratio():
 def test_save_load_identical_logits_and_rankwise_json(tmp_path):
     model = tiny_llama()
     x = windows()
-    res = compress(model, CompressConfig(ratio=0.3, progress=False), calib=x)
+    res = compress(model, CompressConfig(ratio=0.3, method="whiten", progress=False), calib=x)
     out = model(x).logits
     rankwise.save(model, tmp_path / "c")
     meta = json.loads((tmp_path / "c" / "rankwise.json").read_text())
@@ -294,7 +294,8 @@ def test_fisher_weighted_global_allocation_beats_relative_on_tiny_llama():
         m = tiny_llama()
         with torch.no_grad():
             ref = m(held_out).logits
-        res = compress(m, CompressConfig(ratio=0.6, alloc_norm=norm, alloc_sensitivity=sens, progress=False), calib=x)
+        res = compress(m, CompressConfig(ratio=0.6, method="whiten", alloc_norm=norm, alloc_sensitivity=sens,
+                                         progress=False), calib=x)
         assert 0.6 <= res.achieved_ratio <= 0.61
         with torch.no_grad():
             err[sens] = float((m(held_out).logits - ref).pow(2).mean())

@@ -28,7 +28,8 @@ def test_cli_compress_save_export_and_reload(tiny_dir, tmp_path, capsys):
     assert rc == 0
     data = json.loads(capsys.readouterr().out)
     assert data["asked_ratio"] == 0.3 and 0.28 <= data["achieved_ratio"] <= 0.32
-    assert data["method"] == "whiten" and data["calibration"]["text"] == "ptb"
+    assert data["method"] == "modegpt" and data["calibration"]["text"] == "ptb"  # method auto on a Llama layout
+    assert data["method_choice"].startswith("auto → modegpt")
     meta = json.loads((out / "rankwise.json").read_text())
     assert meta["calibration"]["samples"] == 4 and meta["calibration"]["seed"] == 0
     assert len(meta["calibration"]["sha256"]) == 64

@@ -253,7 +253,14 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_cli_under_torchrun_equals_one_process(tiny_dir, tmp_path, one_torch_thread):
+@pytest.mark.parametrize("method, samples, tol", [
+    ("whiten", 4, 2e-4),
+    # MoDeGPT's Nyström down_proj solves with the inverse of the kept neurons' Gram block, which is near singular
+    # with fewer calibration tokens than intermediate neurons (4×32 = 128 = inter here: 3.7e-2 measured between 1
+    # and 2 processes); with 16 windows float32 summation-order differences stay small
+    ("auto", 16, 2e-3),
+])
+def test_cli_under_torchrun_equals_one_process(method, samples, tol, tiny_dir, tmp_path, one_torch_thread):
     import json
 
     from rankwise.cli.main import main
@@ -262,8 +269,8 @@ def test_cli_under_torchrun_equals_one_process(tiny_dir, tmp_path, one_torch_thr
     from rankwise.io.texts import load_text
 
     text.write_text(load_text("ptb", "train")[:20_000])
-    args = ["compress", str(tiny_dir), "--ratio", "0.3", "--calib", str(text), "--calib-samples", "4",
-            "--seq-len", "32"]
+    args = ["compress", str(tiny_dir), "--ratio", "0.3", "--calib", str(text), "--calib-samples", str(samples),
+            "--seq-len", "32", "--method", method]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
@@ -280,7 +287,7 @@ def test_cli_under_torchrun_equals_one_process(tiny_dir, tmp_path, one_torch_thr
     t1, t2 = _tensors(one), _tensors(two)
     assert t1.keys() == t2.keys()
     for key, value in _dense(t1).items():  # equal up to float summation order (see above)
-        assert _rel(_dense(t2)[key], value) < 2e-4, key
+        assert _rel(_dense(t2)[key], value) < tol, key
     assert json.loads((tmp_path / "two.json").read_text())["ranks"] == meta1["rank_per_matrix"]
     assert meta2["calibration"] == meta1["calibration"]  # all 4 windows recorded, not one process's share
     # process 0 printed the summary table, process 1 printed nothing

@@ -53,12 +53,12 @@ def test_streamed_equals_in_memory_and_materialises_one_block_at_a_time(sharded,
         else:
             live.remove(i)
 
-    res = compress_checkpoint(sharded, tmp_path / "out", _cfg(), calib=x, on_block=on_block)
+    res = compress_checkpoint(sharded, tmp_path / "out", _cfg(method="whiten"), calib=x, on_block=on_block)
     assert peak[0] == 1 and not live
     # sensitivity forward + backward, spectra, factorisation: 4 walks of 3 blocks (+ block 0 once per capture)
     assert LAYERS * 4 <= loads[0] <= LAYERS * 4 + 4
     model = LlamaForCausalLM.from_pretrained(str(sharded), dtype=torch.bfloat16).eval()
-    ref = compress(model, _cfg(), calib=x)
+    ref = compress(model, _cfg(method="whiten"), calib=x)
     assert res.ranks == ref.ranks and any(r is not None for r in res.ranks.values())
     assert res.achieved_ratio == pytest.approx(ref.achieved_ratio)
     reader = CheckpointReader(tmp_path / "out", check_sizes=False)
