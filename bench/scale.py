@@ -142,9 +142,14 @@ def measured(cmd: list[str], work: Path, name: str, env: dict | None = None) -> 
     return res
 
 
+#: --method of this tree's compress runs (round 4's README rows: whiten, the default then; since round 5 the default
+#: ``auto`` runs MoDeGPT on these Llama-layout checkpoints)
+METHOD = ["--method", "auto"]
+
+
 def rankwise_cmd(*args: str, src: Path | None = None) -> list[str]:
     if src is None:
-        return [sys.executable, "-m", "rankwise", *args]
+        return [sys.executable, "-m", "rankwise", *args, *(METHOD if args[:1] == ("compress",) else [])]
     code = f"import sys; sys.path.insert(0, {str(src)!r}); from rankwise.cli.main import main; sys.exit(main())"
     return [sys.executable, "-c", code, *args]
 
@@ -204,7 +209,9 @@ def main() -> None:
     ap.add_argument("--shape", default=None, metavar="HIDDEN,INTER,HEADS,KV",
                     help="another Llama shape for the depth rows (heads of 128), e.g. 512,2048,4,2 on a loaded machine")
     ap.add_argument("--repeats", type=int, default=2, help="SmolLM2 runs of each pipeline, alternated")
+    ap.add_argument("--method", default="auto", help="--method of this tree's compress runs (round 4's rows: whiten)")
     args = ap.parse_args()
+    METHOD[1] = args.method
     if args.merge:
         merge(args.merge)
         return
@@ -215,7 +222,7 @@ def main() -> None:
     if args.shape:
         h, i, nh, kv = (int(v) for v in args.shape.split(","))
         shape = {"hidden": h, "inter": i, "heads": nh, "kv": kv, "head_dim": h // nh}
-    result: dict = {"run": info, "shape": shape, "calibration": {"samples": args.calib_samples,
+    result: dict = {"run": info, "method": args.method, "shape": shape, "calibration": {"samples": args.calib_samples,
                                                                   "seq_len": args.seq_len},
                     "depth": [], "smollm2": None, "gpu": None}
     try:
