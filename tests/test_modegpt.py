@@ -255,3 +255,25 @@ def test_auto_on_a_fused_layout_runs_whiten_and_names_the_module(one_torch_threa
     assert res.method == "whiten" and "transformer.h.0" in res.method_choice and "c_attn" in res.method_choice
     assert "\n" not in res.method_choice
     assert any(isinstance(m, LowRankLinear) for m in gpt2.modules())
+
+
+@pytest.mark.parametrize("family, expect", [
+    ("gemma2", "modegpt"),  # alternating sliding-window/global layers, explicit head_dim, softcapping
+    ("qwen3", "whiten"),  # per-head q_norm/k_norm: modegpt cannot drop query/key dimensions
+])
+def test_auto_on_other_families_reloads_identically(family, expect, tmp_path, one_torch_thread):
+    import transformers as T
+
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    cfg, cls = {"gemma2": (T.Gemma2Config(**common, sliding_window=8), T.Gemma2ForCausalLM),
+                "qwen3": (T.Qwen3Config(**common), T.Qwen3ForCausalLM)}[family]
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    res = compress(model, ratio=0.3, calib=_windows(8, 32), device="cpu", progress=False)
+    assert res.method == expect and abs(res.achieved_ratio - 0.3) < 0.01
+    if expect == "whiten":
+        assert "q_norm" in res.method_choice
+    y = _windows(2, 24, seed=7)
+    rankwise.save(model, tmp_path / "c")
+    torch.testing.assert_close(rankwise.load(tmp_path / "c")(y).logits, model(y).logits, atol=0, rtol=0)
