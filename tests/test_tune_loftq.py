@@ -48,6 +48,21 @@ def _reference(w: torch.Tensor, r: int, iters: int) -> tuple[torch.Tensor, torch
     return q, ba
 
 
+def _peft_loftq_init_on_cpu():
+    """PEFT's own ``loftq_init`` (0.21) with its hard-coded compute device ("cuda"/"xpu") set to "cpu"."""
+    import inspect
+    import textwrap
+
+    from peft.utils import loftq_utils
+
+    src = textwrap.dedent(inspect.getsource(loftq_utils.loftq_init))
+    needle = 'compute_device = "xpu" if is_xpu_available() else "cuda"'
+    assert needle in src, "PEFT's loftq_init changed: re-check rankwise's CPU path against it"
+    ns = dict(vars(loftq_utils))
+    exec(compile(src.replace(needle, 'compute_device = "cpu"'), "peft_loftq_init_cpu", "exec"), ns)
+    return ns["loftq_init"]
+
+
 def _parts(pm, name: str = LAYER) -> tuple[torch.Tensor, torch.Tensor, float]:
     layer = pm.base_model.model.get_submodule(name)
     ba = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
@@ -64,6 +79,10 @@ def test_cpu_init_is_loftq_and_beats_plain_quantisation(iters):
     assert s == 1.0  # alpha defaults to r for loftq: PEFT's factors carry no 1/scale
     ref_q, ref_ba = _reference(w, 4, iters)
     assert torch.allclose(q, ref_q, atol=1e-6) and torch.allclose(ba, ref_ba, atol=1e-5)
+    peft_q, peft_a, peft_b = _peft_loftq_init_on_cpu()(w, num_bits=4, reduced_rank=4, num_iter=iters)
+    layer = pm.base_model.model.get_submodule(LAYER)
+    assert torch.equal(q, peft_q)  # PEFT's own code on CPU: the same tensors
+    assert torch.equal(layer.lora_A["default"].weight, peft_a) and torch.equal(layer.lora_B["default"].weight, peft_b)
     plain = (w - _nf4(w)).norm()
     err = (w - (q + s * ba)).norm()
     assert err < 0.97 * plain, (err, plain)
