@@ -18,6 +18,7 @@ from rankwise.compression.modegpt import (
     allocate_sparsity,
     block_layout,
     compress_block,
+    mlp_quantum,
     nystrom_mlp,
 )
 from rankwise.errors import RankwiseError
@@ -195,9 +196,12 @@ def test_allocation_follows_influence_and_hits_the_ratio():
     lays = [lay] * 4
     influence = [0.5, 0.05, 0.1, 0.2]
     dense = 4 * lay.dense_params()
+    q = mlp_quantum(lay.inter)
+    assert q == 4  # MLP widths move in groups of 4 neurons at inter 256 (16 from inter 1,024 up)
     for ratio in (0.1, 0.3, 0.5):
         a = allocate_sparsity(influence, lays, ratio, fixed_params=1000)
-        assert abs(a.achieved_ratio - ratio) <= 3 * 64 / (dense + 1000)
+        assert abs(a.achieved_ratio - ratio) <= q * 3 * 64 / 2 / (dense + 1000)  # within half a group of neurons
+        assert all(sz.mlp % q == 0 for sz in a.sizes)
         assert a.sparsity[1] >= a.sparsity[2] >= a.sparsity[3] >= a.sparsity[0]  # important blocks lose less
     with pytest.raises(RankwiseError, match="out of reach"):
         allocate_sparsity(influence, lays, 0.99, fixed_params=0)
@@ -213,11 +217,12 @@ def test_auto_is_the_default_and_runs_modegpt_on_a_decomposable_model(tmp_path, 
     x = _windows(4, 16)
     auto, explicit = _qwen2(), _qwen2()
     res = compress(auto, ratio=0.3, calib=x, device="cpu", progress=False)
-    compress(explicit, method="modegpt", ratio=0.3, calib=x, device="cpu", progress=False)
+    ref = compress(explicit, method="modegpt", ratio=0.3, calib=x, device="cpu", progress=False)
     assert res.method == "modegpt" and res.method_choice.startswith("auto → modegpt")
-    assert any(isinstance(m, SelectLinear) for m in auto.modules())
+    assert res.ranks == ref.ranks and any(isinstance(m, SelectLinear) for m in auto.modules())
     y = _windows(2, 16, seed=5)
-    torch.testing.assert_close(auto(y).logits, explicit(y).logits, atol=0, rtol=0)  # the same pipeline, bit for bit
+    # the same pipeline (equal up to the last float32 bits: BLAS kernels may differ with buffer alignment)
+    torch.testing.assert_close(auto(y).logits, explicit(y).logits, atol=1e-5, rtol=1e-5)
     rankwise.save(auto, tmp_path / "c")
     meta = json.loads((tmp_path / "c" / "rankwise.json").read_text())
     assert meta["method"] == "modegpt" and meta["config"]["method"] == "modegpt"

@@ -55,6 +55,15 @@ from rankwise.surgery.targets import Target
 EPSILON = 0.1
 #: no block loses more than this fraction of its parameters
 MAX_SPARSITY = 0.9
+#: MLP neurons are kept in multiples of this: CPU GEMM kernels are 1.5–2× slower on widths that are not
+#: (SmolLM2's up_proj for 512 tokens, one thread: 1,500 rows 38 ms, 1,488 rows 20 ms, all 1,536 rows 25 ms;
+#: bench/results/compress_speed_auto.json has the per-layer timings that showed it). Small MLPs get a finer grid.
+MLP_MULTIPLE = 16
+
+
+def mlp_quantum(inter: int) -> int:
+    """Granularity of the kept MLP width: :data:`MLP_MULTIPLE`, finer for MLPs narrower than 1,024."""
+    return max(1, min(MLP_MULTIPLE, inter // 64))
 #: ridge of the leverage scores, relative to the mean eigenvalue of C_σ
 RIDGE = 1.0
 #: damping of the Nyström solve, relative to mean(diag C_σ[S,S])
@@ -402,7 +411,8 @@ class ModegptAllocation:
 
 def _sizes_at(lay: Layout, phi: float) -> Sizes:
     keep = 1.0 - phi
-    return Sizes(mlp=max(1, min(lay.inter, round(keep * lay.inter))),
+    q = mlp_quantum(lay.inter)
+    return Sizes(mlp=max(q, min(lay.inter, q * round(keep * lay.inter / q))),
                  qk_units=max(1, min(len(lay.units), round(keep * len(lay.units)))),
                  vo=max(1, min(lay.head_dim, round(keep * lay.head_dim))))
 
@@ -439,19 +449,20 @@ def allocate_sparsity(influence: list[float], layouts: list[Layout], ratio: floa
         else:
             hi = mid
     _, sizes, phis = removed(hi)
-    # fine step: single MLP neurons (3·hidden parameters each), the smallest unit of the three pairs
+    # fine step: MLP neurons in groups of mlp_quantum (3·hidden parameters each), the smallest unit of the pairs
     order = sorted(range(len(layouts)), key=lambda i: influence[i])  # least influential first
     kept = sum(lay.params(sz.mlp, sz.qk_units, sz.vo) for lay, sz in zip(layouts, sizes))
     excess = (sum(dense) - kept) - target  # > 0: removed too much
     for i in reversed(order) if excess > 0 else order:  # give back to important blocks, take from the others
         lay, sz = layouts[i], sizes[i]
-        step = 3 * lay.hidden
+        q = mlp_quantum(lay.inter)
+        step = 3 * lay.hidden * q
         while abs(excess) > step / 2:
-            if excess > 0 and sz.mlp < lay.inter:
-                sz.mlp += 1
+            if excess > 0 and sz.mlp + q <= lay.inter:
+                sz.mlp += q
                 excess -= step
-            elif excess < 0 and sz.mlp > 1 and (sz.mlp - 1) >= (1 - cap) * lay.inter:
-                sz.mlp -= 1
+            elif excess < 0 and sz.mlp - q >= max(q, (1 - cap) * lay.inter):
+                sz.mlp -= q
                 excess += step
             else:
                 break
