@@ -320,7 +320,7 @@ LOFTQ_BITS = 4
 
 def loftq_missing() -> list[str]:
     """What this machine lacks for the LoftQ init (empty when it can run): bitsandbytes, whose NF4 quantiser
-    (``bitsandbytes.nn.Params4bit``) both paths use; CPU support for it needs bitsandbytes >= 0.48."""
+    (``bitsandbytes.nn.Params4bit``) both paths use; its CPU path checked with bitsandbytes 0.50.2."""
     import importlib.util
 
     return [] if importlib.util.find_spec("bitsandbytes") is not None else ["bitsandbytes (pip install bitsandbytes)"]
