@@ -65,6 +65,10 @@ from rankwise.surgery.targets import Target, find_targets
 #: ``CompressConfig.method`` that picks the pipeline from the model (:func:`choose_method`)
 AUTO = "auto"
 #: options only the whiten + global pipeline reads: with ``method="auto"`` setting one of them selects it
+#: ``method="auto"`` runs MoDeGPT from this ratio up: below it whiten + global allocation was better on validation
+#: (SmolLM2, PTB valid / BBC valid × dense at ρ 0.1: whiten 1.08 / 1.18, MoDeGPT 1.18 / 1.25; at ρ 0.2: whiten
+#: 1.41 / 1.72, MoDeGPT 1.38 / 1.60; the geometric means cross near ρ 0.16; docs/quality.md)
+AUTO_MODEGPT_MIN_RATIO = 0.15
 WHITEN_ONLY = ("anchor", "anchor_iters", "refine_steps", "shrink", "shrink_target", "alloc", "alloc_norm",
                "alloc_sensitivity", "sens_samples", "min_rank_frac")
 
@@ -88,7 +92,8 @@ class CompressConfig:
 
     ratio: float = _f(0.2, "fraction of the targeted parameters to remove, in (0, 1)")
     method: str = _f("auto", "factorisation method; auto: modegpt where every block decomposes (q/k/v/o attention "
-                     "and a gated MLP, all targeted, no whiten-only option set), else whiten (the choice and its "
+                     "and a gated MLP, all targeted, no whiten-only option set) and ratio ≥ 0.15, else whiten (the "
+                     "choice and its "
                      "reason are recorded in rankwise.json; chosen on PTB valid + BBC valid, docs/quality.md)",
                      choices=method_choices)
     alloc: str = _f("global", "rank allocation", choices=ALLOCATORS.names)
@@ -246,7 +251,8 @@ def choose_method(model: nn.Module, targets: list[Target], config: CompressConfi
     """Resolve ``method="auto"``: MoDeGPT where it can decompose every block, whiten + global allocation otherwise.
 
     MoDeGPT was better than whiten + global on PTB valid and BBC valid at ρ 0.2 and 0.4 on SmolLM2
-    (docs/quality.md), but it needs separate q/k/v/o projections, a gated MLP and whole blocks: GPT-2's fused
+    (docs/quality.md) and whiten at ρ 0.1, so ratios below :data:`AUTO_MODEGPT_MIN_RATIO` select whiten. MoDeGPT
+    also needs separate q/k/v/o projections, a gated MLP and whole blocks: GPT-2's fused
     ``c_attn``, per-head q/k norms, ``--targets``/``--exclude``, ``--heal-steps`` (it makes no factors) or any
     whiten-only option (:data:`WHITEN_ONLY`) select whiten. Returns the config with the method it chose and a
     one-line reason (None when the method was not ``auto``). Structure only: no data is read.
@@ -257,6 +263,9 @@ def choose_method(model: nn.Module, targets: list[Target], config: CompressConfi
     given = [n for n in WHITEN_ONLY if getattr(config, n) != defaults[n]]
     if given:
         reason = f"--{given[0].replace('_', '-')} is an option of the whiten pipeline"
+    elif config.ratio < AUTO_MODEGPT_MIN_RATIO:
+        reason = (f"ratio {config.ratio} < {AUTO_MODEGPT_MIN_RATIO}, where whiten + global allocation was better on "
+                  "validation text")
     else:
         from rankwise.compression.modegpt import allocate_sparsity, plan_modegpt
 
