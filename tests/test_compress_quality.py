@@ -47,7 +47,8 @@ def test_refine_row_builds_on_the_new_default(cq):
     a = args(cq, "--rows", "new+refine", "--ratios", "0.4", "--refine-steps", "7", "--refine-lr", "1e-4",
              "--new-default", "calib=ptb")
     (row,), _ = cq.build_grid(a)
-    assert row["config"] == {"calib": "ptb", "refine_steps": 7, "refine_lr": 1e-4, "ratio": 0.4}
+    # refinement adapts factors: the row pins whiten (method="auto" would run MoDeGPT on a Llama layout)
+    assert row["config"] == {"calib": "ptb", "method": "whiten", "refine_steps": 7, "refine_lr": 1e-4, "ratio": 0.4}
     cfg = cq.CompressConfig(**row["config"])
     assert cfg.method == "whiten" and cfg.refine_steps == 7
 
