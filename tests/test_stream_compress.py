@@ -61,6 +61,7 @@ def test_streamed_equals_in_memory_and_materialises_one_block_at_a_time(sharded,
     ref = compress(model, _cfg(method="whiten"), calib=x)
     assert res.ranks == ref.ranks and any(r is not None for r in res.ranks.values())
     assert res.achieved_ratio == pytest.approx(ref.achieved_ratio)
+    assert (res.params_before, res.params_after) == (ref.params_before, ref.params_after)  # tied head counted once
     reader = CheckpointReader(tmp_path / "out", check_sizes=False)
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()  # sharded, transformers names
     sd = model.state_dict()

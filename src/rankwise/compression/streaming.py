@@ -264,7 +264,6 @@ def compress_checkpoint(
         check_reachable(shapes, config.ratio)
         config, choice = choose_method(model, targets, config)  # method="auto": modegpt or whiten, from structure
         method = get_method(config.method)
-        params_before = _count(model)
         targeted_before = sum(m * n for m, n in shapes)
         mat = _Materialiser(model, reader, device, compute)
         block_names = {id(b): f"{blocks.prefix}.{i}" for i, b in enumerate(blocks.modules)}
@@ -310,6 +309,7 @@ def compress_checkpoint(
                 mod._parameters[k].requires_grad_(False)
         if getattr(reader.config, "tie_word_embeddings", False):
             model.tie_weights()
+        params_before = _count(model)  # after tying: a tied head is the embedding, counted once
         hooks = [m.register_forward_hook(_cast_output(compute)) for m in model.modules()
                  if isinstance(m, nn.Embedding) and id(m) in narrow]
         if lazy_head:
