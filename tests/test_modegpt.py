@@ -220,6 +220,10 @@ def test_auto_is_the_default_and_runs_modegpt_on_a_decomposable_model(tmp_path, 
     ref = compress(explicit, method="modegpt", ratio=0.3, calib=x, device="cpu", progress=False)
     assert res.method == "modegpt" and res.method_choice.startswith("auto → modegpt")
     assert res.ranks == ref.ranks and any(isinstance(m, SelectLinear) for m in auto.modules())
+    from rankwise.evaluation.report import size_report
+
+    rep = size_report(auto)  # what `rankwise eval` shows: select layers, no factorised ones
+    assert rep.select_layers == sum(isinstance(m, SelectLinear) for m in auto.modules()) and rep.factorised_layers == 0
     y = _windows(2, 16, seed=5)
     # the same pipeline (equal up to the last float32 bits: BLAS kernels may differ with buffer alignment)
     torch.testing.assert_close(auto(y).logits, explicit(y).logits, atol=1e-5, rtol=1e-5)

@@ -101,8 +101,10 @@ def _print_table(out: dict[str, Any]) -> None:
              for m in models])
     row("parameters", [_fmt_int(m["size"]["params"]) for m in models], cmp.get("params_ratio"))
     row("factorised layers", [str(m["size"]["factorised_layers"]) for m in models])
+    if any(m["size"].get("select_layers") for m in models):
+        row("select layers (MoDeGPT)", [str(m["size"].get("select_layers", 0)) for m in models])
     row("bytes on disk", [_fmt_mb(m["size"]["disk_bytes"]) for m in models], cmp.get("disk_bytes_ratio"))
-    row("layers slower than dense (prefill/decode)",
+    row("factorised layers slower than dense (cost model, prefill/decode)",
         [f"{len(m['slow_layers']['prefill'])}/{len(m['slow_layers']['decode'])}" for m in models])
     if s["speed"]:
         sp = s["speed"]

@@ -21,7 +21,8 @@ class SizeReport:
 
     ``params``: unique parameters (tied weights counted once). ``factorised_layers``
     / ``factorised_params``: the LowRankLinear layers and their A, B numbers.
-    ``dense_matrix_params``: numbers in the remaining dense target matrices.
+    ``dense_matrix_params``: numbers in the remaining dense target matrices. ``select_layers``: MoDeGPT's
+    row/column-selection layers (``SelectLinear``; quantised ones included).
     ``param_bytes``: bytes the parameters take in memory. ``disk_bytes``: all
     files of the model folder; ``weights_bytes``: its weight files only
     (None for both when the model has no folder).
@@ -34,6 +35,7 @@ class SizeReport:
     dense_matrix_params: int
     disk_bytes: int | None
     weights_bytes: int | None
+    select_layers: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,4 +86,5 @@ def size_report(model: nn.Module, path: str | os.PathLike | None = None) -> Size
         dense_matrix_params=dense,
         disk_bytes=disk,
         weights_bytes=weights,
+        select_layers=sum(1 for m in model.modules() if getattr(m, "layer_type", None) in ("select", "quant_select")),
     )
