@@ -64,11 +64,11 @@ from rankwise.surgery.targets import Target, find_targets
 
 #: ``CompressConfig.method`` that picks the pipeline from the model (:func:`choose_method`)
 AUTO = "auto"
-#: options only the whiten + global pipeline reads: with ``method="auto"`` setting one of them selects it
 #: ``method="auto"`` runs MoDeGPT from this ratio up: below it whiten + global allocation was better on validation
 #: (SmolLM2, PTB valid / BBC valid × dense at ρ 0.1: whiten 1.08 / 1.18, MoDeGPT 1.18 / 1.25; at ρ 0.2: whiten
 #: 1.41 / 1.72, MoDeGPT 1.38 / 1.60; the geometric means cross near ρ 0.16; docs/quality.md)
 AUTO_MODEGPT_MIN_RATIO = 0.15
+#: options only the whiten + global pipeline reads: with ``method="auto"`` setting one of them selects it
 WHITEN_ONLY = ("anchor", "anchor_iters", "refine_steps", "shrink", "shrink_target", "alloc", "alloc_norm",
                "alloc_sensitivity", "sens_samples", "min_rank_frac")
 
@@ -93,8 +93,8 @@ class CompressConfig:
     ratio: float = _f(0.2, "fraction of the targeted parameters to remove, in (0, 1)")
     method: str = _f("auto", "factorisation method; auto: modegpt where every block decomposes (q/k/v/o attention "
                      "and a gated MLP, all targeted, no whiten-only option set) and ratio ≥ 0.15, else whiten (the "
-                     "choice and its "
-                     "reason are recorded in rankwise.json; chosen on PTB valid + BBC valid, docs/quality.md)",
+                     "choice and its reason are recorded in rankwise.json; chosen on PTB valid + BBC valid, "
+                     "docs/quality.md)",
                      choices=method_choices)
     alloc: str = _f("global", "rank allocation", choices=ALLOCATORS.names)
     sequential: bool = _f(False, "calibrate block ℓ on the outputs of the compressed blocks < ℓ")
@@ -250,7 +250,7 @@ class CompressResult:
 def choose_method(model: nn.Module, targets: list[Target], config: CompressConfig) -> tuple[CompressConfig, str | None]:
     """Resolve ``method="auto"``: MoDeGPT where it can decompose every block, whiten + global allocation otherwise.
 
-    MoDeGPT was better than whiten + global on PTB valid and BBC valid at ρ 0.2 and 0.4 on SmolLM2
+    MoDeGPT was better than whiten + global on PTB valid and BBC valid at ρ 0.2–0.5 on SmolLM2
     (docs/quality.md) and whiten at ρ 0.1, so ratios below :data:`AUTO_MODEGPT_MIN_RATIO` select whiten. MoDeGPT
     also needs separate q/k/v/o projections, a gated MLP and whole blocks: GPT-2's fused
     ``c_attn``, per-head q/k norms, ``--targets``/``--exclude``, ``--heal-steps`` (it makes no factors) or any
@@ -270,7 +270,7 @@ def choose_method(model: nn.Module, targets: list[Target], config: CompressConfi
         from rankwise.compression.modegpt import allocate_sparsity, plan_modegpt
 
         try:
-            _, layouts, _, fixed = plan_modegpt(model, targets, config, has_data=True)
+            _, layouts, fixed = plan_modegpt(model, targets, config, has_data=True)
             allocate_sparsity([0.0] * len(layouts), layouts, config.ratio, fixed)  # the ratio is within its caps
         except RankwiseError as exc:
             reason = str(exc)

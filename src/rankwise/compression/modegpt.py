@@ -517,11 +517,11 @@ def compress_block(block: nn.Module, layout: Layout, st: BlockStats, sizes: Size
 
 
 def plan_modegpt(model: nn.Module, targets: list[Target], config: Any, *, has_data: bool
-                 ) -> tuple[Any, list[Layout], set[str], int]:
+                 ) -> tuple[Any, list[Layout], int]:
     """Check that MoDeGPT can run on ``model`` with ``config`` and return its plan, before any work.
 
-    Returns ``(blocks, layouts, names, fixed)``: the decoder blocks, each block's :class:`Layout`, the names of
-    the seven linears of every block and the targeted weights outside them (kept dense). Raises a one-line
+    Returns ``(blocks, layouts, fixed)``: the decoder blocks, each block's :class:`Layout` and the targeted
+    weights outside their seven linears (kept dense). Raises a one-line
     :class:`RankwiseError` naming the option or module that prevents it (``method="auto"`` uses the message as
     its reason to fall back to ``whiten``).
     """
@@ -545,7 +545,7 @@ def plan_modegpt(model: nn.Module, targets: list[Target], config: Any, *, has_da
     if missing:
         raise RankwiseError(f"--method modegpt needs {missing[0]} among the targeted layers; it is not one.")
     fixed = sum(m * n for t in targets if t.name not in names for m, n in [t.shape])
-    return blocks, layouts, names, fixed
+    return blocks, layouts, fixed
 
 
 def run_modegpt(
@@ -570,7 +570,7 @@ def run_modegpt(
     """
     from rankwise.compression.api import PipelineResult, _dist
 
-    blocks, layouts, names, fixed = plan_modegpt(model, targets, config, has_data=loop is not None)
+    blocks, layouts, fixed = plan_modegpt(model, targets, config, has_data=loop is not None)
     dist = _dist(device)
     sdev = stats_device(device)
     timings: dict[str, float] = {}
